@@ -1,0 +1,3 @@
+from l2l_ray.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,1 @@
+"""Prior backends (MLLM or lexical) -> ``Prior`` records with soft proposals, cached on disk."""

@@ -1,0 +1,34 @@
+"""Shared fixtures. Ray is started once per test session (starting it costs seconds on 2 cores)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "refer_real_annotations")
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray cluster with 2 CPUs shared by every Ray test."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, num_gpus=0, include_dashboard=False, log_to_driver=False,
+                 object_store_memory=512 * 1024**2, ignore_reinit_error=True)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def refer_fixture_root() -> str:
+    """The genuine RefCOCO/RefCOCO+/RefCOCOg records in ../shared (REFER layout, no images)."""
+    root = os.environ.get("L2L_REFER_FIXTURES", FIXTURES)
+    if not os.path.isdir(root):
+        pytest.skip(f"REFER fixtures not found at {root}")
+    return os.path.abspath(root)
