@@ -74,7 +74,28 @@ class PriorsConfig:
     tensor_parallel_size: int = 1
     max_tokens: int = 256
     proposal_size: int = 64  # soft proposal side, pixels (stored uint8)
+    # Soft proposals (l2l_ray.priors.proposals; measured choice in bench/prior_quality.py):
+    proposal_method: str = "grabcut"  # grabcut (box-initialised GrabCut blended with a box prior) | box
+    proposal_grabcut_iters: int = 1  # GrabCut EM iterations (2-3 measured no better on the synthetic set)
+    proposal_work_size: int = 48  # GrabCut window around the box, downscaled to at most this many px a side
+    proposal_blend: float = 0.6  # weight of GrabCut's mask vs the smooth box prior (0 = box only)
+    proposal_softness: float = 0.08  # box prior edge falloff, fraction of the box side
+    proposal_margin: float = 0.1  # "probably background" band around the box, fraction of the box side
+    proposal_point_radius: float = 0.04  # normalised radius of point seeds / of a box made from points only
+    proposal_point_boost: float = 0.5  # how far a point pulls its neighbourhood towards 1
+    # Lexical prior (l2l_ray.priors.lexical):
+    lexical_work_size: int = 128  # images are analysed on a square copy this many pixels wide
     include_eval: bool = True  # also make priors for labeled and evaluation samples
+    # MLLM backends (hf / openai / vllm); see docs/priors.md
+    min_pixels: int = 3136  # Qwen-VL smart_resize: min pixels of the model input (processor default 56*56)
+    max_pixels: int = 1003520  # ... max pixels (1280*28*28); images are resized to this before they are sent
+    structured: bool = True  # constrain answers to the JSON schema (vllm structured_outputs, openai response_format)
+    retry_backoff_s: float = 0.5  # openai: delay before the first retry, doubled for each further retry
+    device: str = "auto"  # hf: auto (cuda if available, else cpu) | cpu | cuda:0 ...
+    dtype: str = "auto"  # hf: auto (bfloat16 on GPU, float32 on CPU) | float32 | bfloat16 | float16
+    max_model_len: int = 8192  # vllm: engine context length (text + image tokens)
+    gpu_memory_utilization: float = 0.9  # vllm: share of GPU memory the engine may take
+    accelerator_type: str = ""  # vllm: Ray accelerator type, e.g. L4 or H100 ("" = any GPU)
 
     def validate(self) -> None:
         if self.backend not in ("lexical", "hf", "openai", "vllm"):
@@ -85,10 +106,18 @@ class PriorsConfig:
 class ModelConfig:
     preset: str = "tiny"  # tiny (CPU, from scratch) | lavt_swin_b | ... (see l2l_ray.model.presets)
     guidance: bool = True  # ablation switch: prior guidance injected at every scale
-    backbone: str = ""  # timm model name override ("" = preset's)
+    backbone: str = ""  # transformers hub id / local path of the visual backbone override ("" = preset's)
     text_encoder: str = ""  # transformers id / local path override ("" = preset's)
     pretrained: bool = False  # load backbone / text weights (GPU users; never on the default path)
     width: int = 0  # 0 = preset's channel width
+    # Segmenter size knobs (l2l_ray.model.presets; 0 = the preset's value). Tests build the large presets
+    # at a tiny size with these; users rarely need them.
+    encoder_width: int = 0  # backbone stage-1 channels (Swin embed_dim, ConvNeXt hidden_sizes[0]; doubles per stage)
+    encoder_depth: int = 0  # caps the blocks per backbone stage
+    text_width: int = 0  # text encoder hidden size (from-scratch encoders only)
+    text_layers: int = 0  # text encoder layers (from-scratch encoders only)
+    max_tokens: int = 0  # tokens per sentence incl. [CLS]/[SEP] (longer sentences are truncated)
+    aux_weight: float = 0.4  # weight of the auxiliary losses at the coarser decoder scales
 
 
 @dataclass
@@ -105,6 +134,14 @@ class TrainConfig:
     eval_batch_size: int = 64
     num_threads: int = 0  # torch threads per worker (0 = torch default)
     compile: bool = False
+    # Schedule and bookkeeping (l2l_ray.train):
+    steps_per_epoch: int = 0  # 0 = one pass over the training rows; >0 = fixed steps (data cycled), so
+    #                           runs at different label ratios train equally long
+    warmup_steps: int = 0  # linear lr warm-up, then poly decay to 0 over the stage
+    poly_power: float = 0.9  # lr = base * (1 - step / total) ** poly_power (LAVT's schedule)
+    grad_clip: float = 1.0  # max grad norm (0 = off)
+    log_every_s: float = 10.0  # progress line interval while training
+    inject_failure_epoch: int = -1  # fault-tolerance check: a worker raises once at the start of this epoch
 
 
 @dataclass
@@ -123,6 +160,33 @@ class SemiConfig:
     reward_prior: float = 1.0
     reward_consistency: float = 1.0
     reward_progress: float = 1.0
+    # --- selection (l2l_ray/selection; see docs/selection.md) ---
+    reward_truth: float = 2.0  # IoU with the TRUE mask, only on held-out LABELED pairs (practice episodes)
+    reward_wrong_pixel: float = 3.0  # pixel reward of trusting a wrong label is -this (a right one is +1)
+    reject_iou: float = 0.3  # a rejected pair is paid as if its label had this IoU in every IoU term
+    selector_heldout: float = 0.25  # share of labeled images the driver keeps out of student training
+    selector_practice_steps: int = 60  # REINFORCE steps per round on the held-out labeled pairs
+    selector_update_epochs: int = 1  # passes over a round's unlabeled episodes in the delayed update
+    selector_minibatch: int = 64  # pairs per selector gradient step
+    selector_max_update_pairs: int = 1024  # subsample of a round's unlabeled episodes used for the update
+    selector_entropy: float = 0.01  # entropy bonus of the candidate head
+    selector_pixel_coef: float = 1.0  # weight of the per-pixel trust loss
+    selector_pixel_stride: int = 4  # coarse trust path runs at size/stride (plus a per-pixel fine term)
+    selector_hidden: int = 64  # width of the candidate encoder (pixel head uses hidden // 4)
+    selector_cpus: float = 0.5  # Ray CPUs reserved per SelectorActor (it idles while the student trains)
+    selector_threads: int = 2  # torch threads inside a SelectorActor (0 = leave Ray's default)
+    semires_iou: float = 0.5  # SemiRES IOM: proposal replaces the teacher mask when IoU > this
+    semires_pwa_var: float = 0.1  # SemiRES PWA: variance (not sigma) of N(p; 0.5, var), as in its code
+
+    def validate(self) -> None:
+        if not 0.5 <= self.threshold < 1.0:
+            raise ConfigError(f"semi.threshold={self.threshold}: must be in [0.5, 1), e.g. 0.9")
+        if not 0.0 <= self.selector_heldout < 1.0:
+            raise ConfigError(f"semi.selector_heldout={self.selector_heldout}: must be in [0, 1), e.g. 0.25")
+        if self.selector_pixel_stride not in (1, 2, 4, 8):
+            raise ConfigError(f"semi.selector_pixel_stride={self.selector_pixel_stride}: choose 1, 2, 4 or 8")
+        if self.selector_workers < 1 or self.selector_minibatch < 1:
+            raise ConfigError("semi.selector_workers and semi.selector_minibatch must be >= 1")
 
 
 @dataclass
