@@ -200,6 +200,22 @@ class TuneSection:
 
 
 @dataclass
+class ExperimentSection:
+    """``l2l experiment``: methods x label ratios x seeds on one config, then the results table."""
+
+    methods: list = field(default_factory=lambda: ["supervised", "mean_teacher", "semires", "l2l"])
+    label_ratios: list = field(default_factory=lambda: [0.01, 0.05])
+    seeds: list = field(default_factory=lambda: [0, 1])
+    ceiling: bool = True  # also run supervised at label_ratio 1.0 (per seed)
+    out: str = "docs/results.md"
+
+    def validate(self) -> None:
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            raise ConfigError(_choice_msg("experiment.methods", bad[0], list(METHODS)))
+
+
+@dataclass
 class Config:
     method: str = "l2l"
     seed: int = 0
@@ -210,6 +226,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     semi: SemiConfig = field(default_factory=SemiConfig)
     tune: TuneSection = field(default_factory=TuneSection)
+    experiment: ExperimentSection = field(default_factory=ExperimentSection)
 
     def validate(self) -> Config:
         if self.method not in METHODS:
