@@ -174,7 +174,7 @@ class SemiConfig:
     selector_pixel_stride: int = 4  # coarse trust path runs at size/stride (plus a per-pixel fine term)
     selector_hidden: int = 64  # width of the candidate encoder (pixel head uses hidden // 4)
     selector_cpus: float = 0.5  # Ray CPUs reserved per SelectorActor (it idles while the student trains)
-    selector_threads: int = 2  # torch threads inside a SelectorActor (0 = leave Ray's default)
+    selector_threads: int = 1  # torch threads in a SelectorActor (0 = Ray default); 1 is fastest on a busy 2-core box
     semires_iou: float = 0.5  # SemiRES IOM: proposal replaces the teacher mask when IoU > this
     semires_pwa_var: float = 0.1  # SemiRES PWA: variance (not sigma) of N(p; 0.5, var), as in its code
 

@@ -27,7 +27,7 @@ def decode_rle(rle: dict) -> np.ndarray:
 def pack_bits(masks: np.ndarray) -> np.ndarray:
     """Binary masks (N, H, W) -> uint8 (N, ceil(H*W/8))."""
     n = len(masks)
-    return np.packbits(masks.reshape(n, -1).astype(bool), axis=1)
+    return np.packbits(masks.reshape(n, masks.shape[-2] * masks.shape[-1]).astype(bool), axis=1)
 
 
 def unpack_bits(packed: np.ndarray, size: tuple[int, int]) -> np.ndarray:
