@@ -150,6 +150,8 @@ class SemiConfig:
 
     rounds: int = 4
     epochs_per_round: int = 4
+    unlabeled_per_round: int = 1500  # unlabeled (ref, sentence) pairs pseudo-labelled per round (0 = all)
+    gallery_size: int = 8  # fixed val pairs drawn in the report's gallery
     ema: float = 0.99
     threshold: float = 0.9  # mean_teacher confidence threshold
     unlabeled_weight: float = 1.0
