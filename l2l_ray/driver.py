@@ -64,14 +64,19 @@ def run_round(r: int, ctx: RoundContext, state: Any) -> tuple[Any, dict[str, Any
         progress = progress_signal(1.0 - ctx.carry["heldout_iou"], 1.0 - iou_h) if "heldout_iou" in ctx.carry else None
         if ctx.carry.get("pending_ids") is not None:  # reward last round's exploratory choices
             if np.array_equal(cand.sent_ids, ctx.carry["pending_ids"]):
-                out.update(_prefix("feedback", ctx.selector.feedback(Feedback(cand.sent_ids, cand.teacher, progress))))
-        out.update(_prefix("practice", ctx.selector.practice(cand_h, truth)))
+                out.update(ctx.selector.feedback(Feedback(cand.sent_ids, cand.teacher, progress)))
+        out.update(ctx.selector.practice(cand_h, truth))
         out["heldout_teacher_iou"], ctx.carry["heldout_iou"] = iou_h, iou_h
     explore = r < cfg.semi.rounds
     pseudo = select_for_method(cfg.method, cand, cfg, ctx.selector, explore=explore)  # 3. selection
     ctx.carry["pending_ids"] = cand.sent_ids if (ctx.selector is not None and explore) else None
     t["selection_s"] = time.perf_counter() - tic
     out.update(pseudo.stats)
+    out["trusted_pixel_share"] = pseudo.stats.get("trusted_share")
+    out["rejected_share"] = pseudo.stats.get("reject_share")
+    out["reward"] = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith("reward/")}
+    if "practice/greedy_truth_iou" in out:
+        out["reward"]["labeled_iou"] = out["practice/greedy_truth_iou"]
     out["pseudo_iou_diag"] = _diagnostic_pseudo_iou(cfg, pseudo)
 
     tic = time.perf_counter()
@@ -119,10 +124,6 @@ def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     from l2l_ray.selection.rewards import iou
 
     return iou(a.astype(bool), b.astype(bool))
-
-
-def _prefix(name: str, d: dict) -> dict:
-    return {f"{name}/{k}": v for k, v in (d or {}).items()}
 
 
 def _diagnostic_pseudo_iou(cfg: Config, pseudo) -> float | None:
