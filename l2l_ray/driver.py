@@ -131,16 +131,16 @@ def _diagnostic_pseudo_iou(cfg: Config, pseudo) -> float | None:
     of their unlabeled refs, read from the annotation files here and nowhere else."""
     if pseudo is None or len(pseudo) == 0:
         return None
-    import cv2
-
+    from l2l_ray.data.images import load_mask_resized
     from l2l_ray.data.refer import ReferDataset
     from l2l_ray.masks import decode_rle
 
-    ds = ReferDataset(cfg.data.root, cfg.data.dataset, cfg.data.split_by, cfg.data.image_dir)
+    ds = ReferDataset(cfg.data.root, cfg.data.dataset, cfg.data.split_by, cfg.data.images)
+    rles = [ds.mask_rle(int(r)) for r in pseudo.ref_ids]  # None: a bad segmentation (counted by ds), left out
     s = pseudo.size
-    truth = np.stack([cv2.resize(decode_rle(ds.mask_rle(int(r))).astype(np.uint8), (s, s),
-                                 interpolation=cv2.INTER_NEAREST) > 0 for r in pseudo.ref_ids])
-    kept = pseudo.weights.reshape(len(pseudo), -1).max(1) > 0
+    truth = np.stack([load_mask_resized(decode_rle(r), s) if r is not None else np.zeros((s, s), bool)
+                      for r in rles])  # resized as evaluate() resizes
+    kept = (pseudo.weights.reshape(len(pseudo), -1).max(1) > 0) & np.array([r is not None for r in rles])
     return float(_iou(pseudo.label_masks()[kept], truth[kept]).mean()) if kept.any() else None
 
 
@@ -177,10 +177,10 @@ def run(cfg: Config, on_round: RoundCallback | None = None) -> dict[str, Any]:
     on_round = on_round or (lambda r, m: None)
     run_dir = Path(cfg.run.dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
-    cfg.save(run_dir / "config.yaml")
     ensure_ray(cfg)
     ensure_data(cfg)
-    full = load_dataset(cfg, run_dir)
+    full = load_dataset(cfg, run_dir)  # refuses a run folder made with another label split
+    cfg.save(run_dir / "config.yaml")  # only now: `l2l eval --run` must keep the config of the checkpoints
     priors = _priors(cfg)
     guide = priors if cfg.method == "l2l" else None
     use_rl = cfg.method == "l2l" and cfg.semi.use_rl
@@ -192,45 +192,61 @@ def run(cfg: Config, on_round: RoundCallback | None = None) -> dict[str, Any]:
     state = fit_segmenter(cfg, run_dir, stage, data, guide, cfg.train.epochs)
     timing["warmup_s"] = time.perf_counter() - tic
     rounds: list[dict] = []
-    if cfg.method != "supervised":
-        val0 = evaluate(cfg, state.state_ref, full, guide, splits=["val"])["val"]
-        on_round(0, {"round": 0, "val": val0})
-        state, rounds = _rounds(cfg, run_dir, full, data, priors, guide, heldout, state, on_round)
+    val0 = selector = None
+    try:
+        if cfg.method != "supervised":
+            val0 = evaluate(cfg, state.state_ref, full, guide, splits=["val"])["val"]
+            on_round(0, {"round": 0, "val": val0})
+            selector = _selector(cfg, run_dir) if use_rl else None
+            state, rounds = _rounds(cfg, run_dir, full, data, priors, guide, heldout, state, selector, on_round)
 
-    tic = time.perf_counter()
-    splits = evaluate(cfg, state.state_ref, full, guide)  # every split of the scheme
-    timing["final_eval_s"] = time.perf_counter() - tic
-    if cfg.method == "supervised":
-        on_round(0, {"round": 0, "val": splits["val"]})
-    _save_gallery(cfg, run_dir, full, priors, guide, state)
+        tic = time.perf_counter()
+        splits = evaluate(cfg, state.state_ref, full, guide)  # every split of the scheme
+        timing["final_eval_s"] = time.perf_counter() - tic
+        if cfg.method == "supervised":
+            on_round(0, {"round": 0, "val": splits["val"]})
+        _save_gallery(cfg, run_dir, full, priors, guide, state, selector)
+    finally:
+        if selector is not None:  # free the actors' CPUs for whatever runs next in this process
+            selector.shutdown()
     timing["total_s"] = time.perf_counter() - t0
     metrics = {"method": cfg.method, "label_ratio": cfg.data.label_ratio, "seed": cfg.seed, "splits": splits,
                "rounds": rounds, "timing": {k: round(v, 2) for k, v in timing.items()},
-               "warmup_history": state.history if not rounds else None, "data": full.stats,
+               "warmup_history": state.history if not rounds else None, "warmup_val": val0, "data": full.stats,
                "heldout_pairs": len(heldout), "priors": None if priors is None else len(priors)}
     atomic_write_json(run_dir / "metrics.json", metrics)
-    _log_tb(run_dir, rounds, splits)
+    _log_tb(run_dir, rounds, splits, val0)
     print(_summary(metrics), flush=True)
     return metrics
 
 
-def _rounds(cfg, run_dir, full, data, priors, guide, heldout, state, on_round):
-    from l2l_ray.train import fit_segmenter
+def _selector(cfg: Config, run_dir: Path):
+    """The SelectorGroup, restored from ``<run_dir>/selector.pt`` when a previous run left one (and run.resume)."""
+    from l2l_ray.selection.selector import SelectorGroup
 
-    selector = None
-    if cfg.method == "l2l" and cfg.semi.use_rl:
-        from l2l_ray.selection.selector import SelectorGroup
-
-        selector = SelectorGroup(cfg)
+    selector = SelectorGroup(cfg)
+    if cfg.run.resume:
         selector.load(run_dir / "selector.pt")
+    return selector
+
+
+def _rounds(cfg, run_dir, full, data, priors, guide, heldout, state, selector, on_round):
+    from l2l_ray.train import fit_segmenter
+    from l2l_ray.train.fit import CHECKPOINTS, DONE_FILE
+
     pairs = [(smp, s) for smp in data.unlabeled for s in smp.sentences]
-    saved = read_json(run_dir / "rounds.json", default={"rounds": [], "carry": {}})
+    fresh = {"rounds": [], "carry": {}}
+    saved = read_json(run_dir / "rounds.json", default=fresh) if cfg.run.resume else fresh  # resume=false: redo all
     ctx = RoundContext(cfg, run_dir, data, full, priors, guide, pairs, heldout, selector, _load_carry(saved))
-    rounds = list(saved["rounds"])
-    for r in range(1, cfg.semi.rounds + 1):
-        if r <= len(rounds):  # finished before a restart: its checkpoint is on disk
-            state = fit_segmenter(cfg, run_dir, f"round_{r}", data, guide, cfg.semi.epochs_per_round)
-            continue
+    rounds = list(saved["rounds"])[: cfg.semi.rounds]  # a rerun with fewer rounds stops at its own last one
+    if rounds:  # finished before a restart: continue from the last finished round's checkpoint
+        stage_dir = run_dir / CHECKPOINTS / f"round_{len(rounds)}"
+        if not (stage_dir / DONE_FILE).is_file():
+            raise FileNotFoundError(f"{run_dir / 'rounds.json'} lists round {len(rounds)} as finished but "
+                                    f"{stage_dir / DONE_FILE} is missing; delete rounds.json and selector.pt "
+                                    "there to redo the rounds, or use a new run.dir")
+        state = fit_segmenter(cfg, run_dir, f"round_{len(rounds)}", data, guide, cfg.semi.epochs_per_round)
+    for r in range(len(rounds) + 1, cfg.semi.rounds + 1):
         state, m = run_round(r, ctx, state)
         rounds.append(m)
         if selector is not None:
@@ -254,11 +270,10 @@ def _dump_carry(carry: dict) -> dict:
     return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in carry.items()}
 
 
-def _save_gallery(cfg, run_dir, full, priors, guide, state) -> None:
-    """Fixed val pairs with prior, proposal, teacher, the pseudo-label the method would select, prediction, truth."""
-    import cv2
-
-    from l2l_ray.data.images import load_image
+def _save_gallery(cfg, run_dir, full, priors, guide, state, selector=None) -> None:
+    """Fixed val pairs with prior, proposal, teacher, the pseudo-label the method would select (greedy; none for
+    supervised: all ignored), prediction, truth."""
+    from l2l_ray.data.images import load_image, load_mask_resized
     from l2l_ray.report import save_gallery
     from l2l_ray.selection import build_candidates, select_for_method
     from l2l_ray.train import predict_samples
@@ -274,23 +289,22 @@ def _save_gallery(cfg, run_dir, full, priors, guide, state) -> None:
     flip = predict_samples(cfg, state.state_ref, "teacher", pairs, guide, flip=True)
     plist = [_prior_for(priors, e.sent_id, e.ref_id) for e in val]
     cand = build_candidates(teacher, flip, plist, s, sent_ids=[e.sent_id for e in val], ref_ids=[e.ref_id for e in val])
-    pl = select_for_method("mean_teacher" if cfg.method == "supervised" else cfg.method,
-                           cand, _no_rl(cfg) if cfg.method == "l2l" else cfg, None, explore=False)
-    pseudo = np.full((len(val), s, s), 0, np.uint8)
-    rows = {int(i): k for k, i in enumerate(pl.sent_ids)}
-    labels, weights = pl.label_masks(), pl.weights
-    for k, e in enumerate(val):
-        if e.sent_id in rows:
-            j = rows[e.sent_id]
-            pseudo[k] = np.where(weights[j] > 0, np.where(labels[j], 255, 0), 128)
-        else:
-            pseudo[k] = 128
+    use_rl = cfg.method == "l2l" and cfg.semi.use_rl
+    pl = select_for_method(cfg.method, cand, _no_rl(cfg) if use_rl and selector is None else cfg, selector,
+                           explore=False)  # None for supervised
+    pseudo = np.full((len(val), s, s), 128, np.uint8)  # 128 = ignored (not trained on)
+    if pl is not None:
+        rows = {int(i): k for k, i in enumerate(pl.sent_ids)}
+        labels, weights = pl.label_masks(), pl.weights
+        for k, e in enumerate(val):
+            if e.sent_id in rows:
+                j = rows[e.sent_id]
+                pseudo[k] = np.where(weights[j] > 0, np.where(labels[j], 255, 0), 128)
     boxes = np.array([p.box if p.box is not None else (np.nan,) * 4 for p in plist], np.float32)
     save_gallery(run_dir, np.stack([load_image(e.image_path, s) for e in val]), [e.sentence for e in val], boxes,
                  np.stack([(p.soft_mask(s) * 255).astype(np.uint8) for p in plist]), teacher, pseudo,
                  ((pred >= 128) * 255).astype(np.uint8),
-                 np.stack([cv2.resize(e.mask().astype(np.uint8), (s, s), interpolation=cv2.INTER_NEAREST) * 255
-                           for e in val]))
+                 np.stack([load_mask_resized(e.mask(), s).astype(np.uint8) * 255 for e in val]))
 
 
 @dataclass(frozen=True)
@@ -300,16 +314,18 @@ class _Sent:
 
 
 def _no_rl(cfg: Config) -> Config:
-    """The gallery shows L2L's fixed-rule candidate view (the selector actors may be gone by now)."""
+    """L2L's fixed rule on the same candidates (the gallery's fallback when no selector is at hand)."""
     from l2l_ray.config import apply_overrides
 
     return apply_overrides(cfg, {"semi.use_rl": False})
 
 
-def _log_tb(run_dir: Path, rounds: list[dict], splits: dict) -> None:
+def _log_tb(run_dir: Path, rounds: list[dict], splits: dict, val0: dict | None = None) -> None:
     from l2l_ray.tb import TBLogger
 
     with TBLogger(run_dir) as tb:
+        if val0 is not None:  # the warm-up's val metrics: round 0 of the curves
+            tb.log_round(0, {"val": val0})
         for m in rounds:
             tb.log_round(m["round"], {k: v for k, v in m.items() if k != "round"})
         tb.log_splits(splits, len(rounds))
