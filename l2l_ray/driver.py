@@ -167,6 +167,14 @@ def _priors(cfg: Config) -> dict | None:
     return load_priors(cfg, allow_missing=True)
 
 
+def supervised_epochs(cfg: Config) -> int:
+    """Epochs of the first stage. ``supervised`` trains as long as the semi-supervised methods do in all
+    (warm-up + every round), on labeled data only, so no method wins by training longer."""
+    if cfg.method == "supervised":
+        return cfg.train.epochs + cfg.semi.rounds * cfg.semi.epochs_per_round
+    return cfg.train.epochs
+
+
 def run(cfg: Config, on_round: RoundCallback | None = None) -> dict[str, Any]:
     """Train ``cfg.method`` end to end; write ``<run.dir>/metrics.json``; return it."""
     from l2l_ray.data import ensure_data, load_dataset
@@ -189,7 +197,7 @@ def run(cfg: Config, on_round: RoundCallback | None = None) -> dict[str, Any]:
 
     tic = time.perf_counter()
     stage = "warmup" if cfg.method != "supervised" else "supervised"
-    state = fit_segmenter(cfg, run_dir, stage, data, guide, cfg.train.epochs)
+    state = fit_segmenter(cfg, run_dir, stage, data, guide, supervised_epochs(cfg))
     timing["warmup_s"] = time.perf_counter() - tic
     rounds: list[dict] = []
     val0 = selector = None

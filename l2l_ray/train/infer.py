@@ -1,0 +1,135 @@
+"""Batched inference: teacher/student predictions for (sample, sentence) pairs, and evaluation on every split.
+
+    probs = predict_samples(cfg, res.state_ref, "teacher", [(sample, sentence), ...], priors)  # uint8 (N,S,S)
+    splits = evaluate(cfg, res.state_ref, bundle, priors)      # {"val": {"mIoU", "oIoU", "prec@0.5", ...}, ...}
+
+On CPU (``train.use_gpu=false``) inference runs in the calling process; with ``train.use_gpu=true`` and Ray
+running it runs as one Ray task holding a GPU (bf16 autocast with ``train.amp``). The state is an ObjectRef
+(or a dict) of {"student", "teacher", "tokenizer"} as returned by ``fit_segmenter``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from l2l_ray.masks import pack_bits, quantize, unpack_bits
+from l2l_ray.metrics import summarize
+from l2l_ray.model import build_segmenter
+from l2l_ray.model.text import TextTokenizer
+from l2l_ray.train.batches import flip_batch, rows_batch
+from l2l_ray.train.fit import resolve
+from l2l_ray.train.tables import ImageIndex, RowTable, make_rows
+
+WHICH = ("student", "teacher")
+
+
+def load_model(cfg, state: dict, which: str, device: torch.device):
+    """Build the segmenter from ``cfg`` and load ``state[which]``; eval mode on ``device``."""
+    if which not in WHICH:
+        raise ValueError(f"which={which!r}: choose 'student' or 'teacher'")
+    model = build_segmenter(cfg, TextTokenizer.from_json(state["tokenizer"]))
+    model.load_state_dict(state[which])
+    return model.to(device).eval()
+
+
+def infer_rows(cfg, state, which: str, images: np.ndarray, rows: RowTable, truth: np.ndarray | None = None,
+               flip: bool = False):
+    """Predict every row. Without ``truth``: uint8 (N,S,S) probabilities*255. With ``truth`` (packed bits
+    (N, ceil(S*S/8))): (I, U) int64 arrays (N,) of the thresholded (p > 0.5) masks. ``flip``: images, priors
+    and boxes are mirrored left-right (rows must hold the swapped sentences) and outputs mirrored back."""
+    from l2l_ray.config import Config
+
+    cfg = Config.from_dict(cfg) if isinstance(cfg, dict) else cfg
+    state = resolve(state)
+    device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
+    model = load_model(cfg, state, which, device)
+    s, n, bs = images.shape[-1], len(rows), max(1, cfg.train.eval_batch_size)
+    probs = np.zeros((0 if truth is not None else n, s, s), np.uint8)
+    inters, unions = np.zeros(n, np.int64), np.zeros(n, np.int64)
+    amp = cfg.train.amp and device.type == "cuda"
+    for i in range(0, n, bs):
+        idx = np.arange(i, min(n, i + bs))
+        batch = rows_batch(images, rows, idx, device)
+        if flip:  # the rows already hold the mirrored sentences
+            batch = flip_batch(batch, torch.ones(len(idx), dtype=torch.bool, device=device))
+        with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            p = model.predict(batch)  # (b, S, S)
+        if flip:
+            p = p.flip(-1)
+        if truth is None:
+            probs[idx] = quantize(p.float().cpu().numpy())
+        else:
+            pred = (p > 0.5).cpu().numpy()
+            gt = unpack_bits(truth[idx], (s, s))
+            inters[idx] = (pred & gt).reshape(len(idx), -1).sum(1)
+            unions[idx] = (pred | gt).reshape(len(idx), -1).sum(1)
+    return probs if truth is None else (inters, unions)
+
+
+def _run(cfg, state_ref, which: str, images: np.ndarray, rows: RowTable, truth=None, flip: bool = False):
+    """In-process on CPU; a GPU Ray task when ``train.use_gpu`` and Ray is running."""
+    import ray
+
+    if cfg.train.use_gpu and ray.is_initialized():
+        task = ray.remote(num_gpus=1, num_cpus=1)(infer_rows)
+        return ray.get(task.remote(cfg.to_dict(), state_ref, which, ray.put(images), rows, truth, flip))
+    threads = torch.get_num_threads()
+    if cfg.train.num_threads:  # same thread count as training (oversubscribed OpenMP threads spin on busy CPUs)
+        torch.set_num_threads(cfg.train.num_threads)
+    try:
+        return infer_rows(cfg, state_ref, which, images, rows, truth, flip)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _tokenizer(state_ref) -> TextTokenizer:
+    return TextTokenizer.from_json(resolve(state_ref)["tokenizer"])
+
+
+def predict_samples(cfg, state_ref, which: str, samples: Sequence[tuple], priors: dict | None,
+                    flip: bool = False) -> np.ndarray:
+    """Probabilities for (sample, Sentence) pairs -> uint8 (N, S, S) (p * 255), row i = pair i.
+
+    ``sample`` is any record with ``image_path`` and ``ref_id`` (UnlabeledSample, LabeledSample); the prior of
+    row i is ``priors[sentence.sent_id]`` (uninformative if missing). ``flip=True`` predicts on the mirrored
+    image with "left"/"right" swapped in the sentence and mirrors the result back (a consistency view).
+    For very large sets call it in chunks (the result is N*S*S bytes).
+    """
+    state = resolve(state_ref)
+    s = cfg.data.image_size
+    index = ImageIndex()
+    rows = make_rows([(smp, sent.sent_id, sent.text) for smp, sent in samples], _tokenizer(state), priors, s,
+                     min(cfg.priors.proposal_size, s), index, flip=flip)
+    if not len(rows):
+        return np.zeros((0, s, s), np.uint8)
+    return _run(cfg, state_ref, which, index.load(s), rows, None, flip)
+
+
+def evaluate(cfg, state_ref, data, priors: dict | None, splits: Sequence[str] | None = None,
+             which: str = "student") -> dict[str, dict]:
+    """mIoU, oIoU, prec@0.5..0.9 and n per split, at model resolution (S x S; truth resized nearest, as LAVT)."""
+    from l2l_ray.data.images import load_mask_resized
+
+    state = resolve(state_ref)
+    tok = _tokenizer(state)
+    s = cfg.data.image_size
+    names = list(data.eval) if splits is None else list(splits)
+    unknown = [n for n in names if n not in data.eval]
+    if unknown:
+        raise ValueError(f"unknown eval split(s) {unknown}; this dataset has {sorted(data.eval)}")
+    out = {}
+    for name in names:
+        samples = data.eval[name]
+        index = ImageIndex()
+        rows = make_rows([(e, e.sent_id, e.sentence) for e in samples], tok, priors, s,
+                         min(cfg.priors.proposal_size, s), index)
+        if not len(rows):
+            out[name] = summarize(np.zeros(0, np.int64), np.zeros(0, np.int64))
+            continue
+        truth = pack_bits(np.stack([load_mask_resized(e.mask(), s) for e in samples]))
+        inters, unions = _run(cfg, state_ref, which, index.load(s), rows, truth)
+        out[name] = summarize(inters, unions)
+    return out
