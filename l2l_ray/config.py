@@ -142,6 +142,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max grad norm (0 = off)
     log_every_s: float = 10.0  # progress line interval while training
     inject_failure_epoch: int = -1  # fault-tolerance check: a worker raises once at the start of this epoch
+    hflip: float = 0.5  # per-row probability of a horizontal flip with "left" <-> "right" swapped in the sentence
 
 
 @dataclass

@@ -40,13 +40,17 @@ def data_job(out: Path) -> tuple[list[str], str]:
 
 
 def train_job(out: Path) -> tuple[list[str], str]:
-    """A tiny supervised+L2L training run on the built-in data; its metrics.json is checked."""
+    """A tiny L2L run (warm-up + 1 round, one Ray Train worker, a SelectorActor) on the built-in data, written by
+    the job itself; its metrics.json is checked."""
     return (["python", "-m", "l2l_ray", "train", "--config", "configs/synthetic.yaml", f"run.dir={out}/run",
-             f"data.root={out}/data", "data.synth_images=40", "train.epochs=1", "semi.rounds=1",
-             "semi.epochs_per_round=1", "train.cpus_per_worker=0.5"], str(out / "run" / "metrics.json"))
+             f"data.root={out}/data", "data.synth_images=24", "data.label_ratio=0.5", "data.image_size=64",
+             "train.epochs=1", "train.steps_per_epoch=2", "train.batch_size=8", "train.warmup_steps=0",
+             "train.cpus_per_worker=0.5", "semi.rounds=1", "semi.epochs_per_round=1", "semi.unlabeled_per_round=16",
+             "semi.selector_practice_steps=2", "semi.selector_cpus=0.25", "semi.gallery_size=2"],
+            str(out / "run" / "metrics.json"))
 
 
-JOB = data_job  # switch to training: JOB = train_job
+JOB = train_job  # data_job: the quick stand-in used before training existed
 
 
 def check_output(path: str) -> None:
@@ -58,7 +62,7 @@ def check_output(path: str) -> None:
     else:
         val = out["splits"]["val"]
         assert 0.0 <= val["mIoU"] <= 1.0 and val["n"] > 0
-        assert out["method"] and "rounds" in out
+        assert out["method"] == "l2l" and [r["round"] for r in out["rounds"]] == [1]
 
 
 def _free_ports(n: int) -> list[int]:
@@ -79,11 +83,12 @@ def _env(token_file: Path, dashboard: str) -> dict:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}  # nothing from the session cluster
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file), RAY_ADDRESS=dashboard,
                RAY_API_SERVER_ADDRESS=dashboard, RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0",
-               RAY_USAGE_STATS_ENABLED="0", PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
+               RAY_USAGE_STATS_ENABLED="0", RAY_DASHBOARD_STARTUP_TIMEOUT_S="180",  # a busy 2-core box: > 60 s seen
+               PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}")
     return env
 
 
-def _wait_for_dashboard(url: str, token: str, head: subprocess.Popen, log: Path, timeout: float = 60.0) -> None:
+def _wait_for_dashboard(url: str, token: str, head: subprocess.Popen, log: Path, timeout: float = 150.0) -> None:
     """Poll the dashboard's /api/version with the bearer token (without it the answer is 401)."""
     req = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
     deadline = time.monotonic() + timeout
@@ -163,7 +168,7 @@ def _submit_and_check(tmp: Path, env: dict, out: Path) -> None:
     entrypoint, result = JOB(out)
     sid = f"l2l-test-{secrets.token_hex(4)}"
     sub = _ray(["job", "submit", "--submission-id", sid, "--runtime-env", "cluster/runtime_env.yaml",
-                "--entrypoint-num-cpus", "0", "--", *entrypoint], env, timeout=240)
+                "--entrypoint-num-cpus", "0", "--", *entrypoint], env, timeout=420)
     assert sub.returncode == 0, f"ray job submit failed:\n{sub.stdout[-3000:]}\n{sub.stderr[-3000:]}"
     assert f"Job '{sid}' succeeded" in sub.stdout + sub.stderr
     status = _ray(["job", "status", sid], env, timeout=30)

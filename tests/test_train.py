@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -23,6 +24,7 @@ from l2l_ray.model import build_tokenizer, make_batch
 from l2l_ray.records import PseudoLabelBatch, Sentence
 from l2l_ray.train import evaluate, fit_segmenter, predict_samples
 from l2l_ray.train.batches import epoch_plan, flip_batch, strong_augment
+from l2l_ray.train.commands import evaluate_run
 from l2l_ray.train.loop import EmaTeacher, lr_lambda
 from l2l_ray.train.tables import flip_token_map, swap_left_right
 
@@ -126,6 +128,12 @@ def test_in_process_stages_resume_use_pseudo_labels_and_evaluate(data_root, tmp_
     acc.add_batch(p > 127, np.stack([load_mask_resized(e.mask(), 64) for e in ev]))
     assert got == pytest.approx(acc.summary())
     assert set(evaluate(cfg, rnd.state_ref, data, None)) == set(data.eval) == {"val", "testA", "testB"}
+    # `l2l eval --run DIR`: the last finished stage, merged into metrics.json; works on a moved run folder too
+    cfg.save(tmp_path / "config.yaml")
+    moved = tmp_path.parent / (tmp_path.name + "_moved")
+    shutil.copytree(tmp_path, moved)
+    assert evaluate_run(str(moved), "val", which="teacher")["val"] == pytest.approx(got)
+    assert json.loads((moved / "metrics.json").read_text())["splits"]["val"] == pytest.approx(got)
 
 
 DRIVER = textwrap.dedent("""
@@ -158,6 +166,17 @@ def _run_driver_until(address: str, run_dir: Path, overrides: list[str], snapsho
         proc.wait()
 
 
+def _settled(path: Path, quiet_s: float = 3.0, timeout_s: float = 60.0) -> str:
+    """The file's text once it has stopped growing for ``quiet_s`` seconds."""
+    deadline, text, since = time.time() + timeout_s, path.read_text(), time.time()
+    while time.time() < deadline and time.time() - since < quiet_s:
+        time.sleep(0.2)
+        now = path.read_text()
+        if now != text:
+            text, since = now, time.time()
+    return text
+
+
 @pytest.mark.ray
 def test_ray_train_two_workers_retry_a_crash_and_a_killed_driver_resumes(ray_session, data_root, tmp_path):
     """2 DDP workers at 0.5 CPU each. Rank 0 raises once at the start of epoch 1 (FailureConfig retries the
@@ -169,7 +188,7 @@ def test_ray_train_two_workers_retry_a_crash_and_a_killed_driver_resumes(ray_ses
     stage = tmp_path / "checkpoints" / "warmup"
     snapshot = stage / "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it has
     _run_driver_until(ray_session.get_runtime_context().gcs_address, tmp_path, overrides, snapshot, "epoch_0001")
-    first_log = (stage / "progress.log").read_text()
+    first_log = _settled(stage / "progress.log")  # the dead driver's workers may still write a line
     assert (stage / ".injected_failure_epoch1").exists()  # rank 0 raised at the start of epoch 1 ...
     assert "resumed from the checkpoint of epoch 1/4" in first_log, first_log  # ... the retried group went on
     assert first_log.count("epoch 1/4 step") == 4, first_log  # epoch 0 was not redone

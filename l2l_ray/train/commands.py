@@ -29,7 +29,7 @@ def evaluate_run(run_dir: str, split: str | None = None, which: str = "student")
     from l2l_ray.config import load_config
     from l2l_ray.data import load_dataset
     from l2l_ray.model.text import load_tokenizer
-    from l2l_ray.train.fit import CHECKPOINTS, LATEST_FILE, load_checkpoint_state
+    from l2l_ray.train.fit import CHECKPOINTS, LATEST_FILE, load_checkpoint_state, locate_checkpoint
     from l2l_ray.train.infer import evaluate
 
     run = Path(run_dir)
@@ -41,12 +41,13 @@ def evaluate_run(run_dir: str, split: str | None = None, which: str = "student")
         raise FileNotFoundError(f"no finished training stage in {run / CHECKPOINTS}; run `l2l train` first")
     cfg = load_config(str(cfg_path))
     data = load_dataset(cfg, run)
-    state = load_checkpoint_state(latest["checkpoint"], load_tokenizer(run))
+    ckpt = locate_checkpoint(run / CHECKPOINTS / latest["stage"], latest["checkpoint"])
+    state = load_checkpoint_state(ckpt, load_tokenizer(run))
     splits = evaluate(cfg, state, data, _priors_for(cfg, latest.get("priors", False)),
                       None if split is None else [split], which)
     metrics = read_json(run / "metrics.json", default={}) or {}
     metrics.setdefault("splits", {}).update(splits)
-    metrics.setdefault("eval", {}).update({"checkpoint": latest["checkpoint"], "stage": latest["stage"],
+    metrics.setdefault("eval", {}).update({"checkpoint": str(ckpt), "stage": latest["stage"],
                                            "which": which})
     atomic_write_json(run / "metrics.json", metrics)
     return splits

@@ -150,10 +150,19 @@ def _fit_on_ray(cfg, spec: StageSpec, tables, init_state, pseudo) -> Path:
     return Path(result.checkpoint.path)
 
 
+def locate_checkpoint(stage_dir: str | Path, recorded: str) -> Path:
+    """A checkpoint path recorded in done.json / latest.json (absolute), or the folder of the same name under
+    ``stage_dir`` when the run folder has been moved or copied since."""
+    p = Path(recorded)
+    return p if (p / STATE_FILE).is_file() else Path(stage_dir) / p.name
+
+
 def _done_checkpoint(stage_dir: Path, epochs: int) -> Path | None:
     done = read_json(stage_dir / DONE_FILE)
-    if done and done.get("epochs", -1) >= epochs and (Path(done["checkpoint"]) / STATE_FILE).is_file():
-        return Path(done["checkpoint"])
+    if done and done.get("epochs", -1) >= epochs:
+        ckpt = locate_checkpoint(stage_dir, done["checkpoint"])
+        if (ckpt / STATE_FILE).is_file():
+            return ckpt
     return None
 
 
