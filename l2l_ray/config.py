@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -210,12 +211,29 @@ class ExperimentSection:
     label_ratios: list = field(default_factory=lambda: [0.01, 0.05])
     seeds: list = field(default_factory=lambda: [0, 1])
     ceiling: bool = True  # also run supervised at label_ratio 1.0 (per seed)
+    # name -> {dotted key: value}: extra rows, each run like `methods` at every ratio and seed, e.g.
+    # {l2l_no_guidance: {method: l2l, model.guidance: false}} (a dict-valued leaf, like tune.space)
+    ablations: dict = field(default_factory=dict)
     out: str = "docs/results.md"
 
     def validate(self) -> None:
         bad = [m for m in self.methods if m not in METHODS]
         if bad:
             raise ConfigError(_choice_msg("experiment.methods", bad[0], list(METHODS)))
+        for name, overrides in self.ablations.items():
+            if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)) or name in METHODS:
+                raise ConfigError(f"experiment.ablations.{name}: use a new name of letters, digits, '_', '-' "
+                                  f"(not one of {', '.join(METHODS)}), e.g. l2l_no_guidance")
+            if not isinstance(overrides, dict) or not overrides:
+                raise ConfigError(f"experiment.ablations.{name}: expected a mapping of dotted keys, e.g. "
+                                  "{method: l2l, model.guidance: false}")
+            fixed = [k for k in overrides if k in ("seed", "data.label_ratio", "run.dir") or k.startswith("experiment")]
+            if fixed:
+                raise ConfigError(f"experiment.ablations.{name}: {fixed[0]} is set by the experiment grid; remove it")
+            try:
+                apply_overrides(Config(), dict(overrides))
+            except ConfigError as e:
+                raise ConfigError(f"experiment.ablations.{name}: {e}") from e
 
 
 @dataclass
@@ -332,8 +350,8 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in d.items():
         full = f"{prefix}{k}"
-        # `tune.space` is itself a dict-valued leaf.
-        if isinstance(v, dict) and full != "tune.space":
+        # `tune.space` and `experiment.ablations` are dict-valued leaves.
+        if isinstance(v, dict) and full not in ("tune.space", "experiment.ablations"):
             out.update(_flatten(v, f"{full}."))
         else:
             out[full] = v

@@ -23,17 +23,26 @@ from l2l_ray.io import atomic_write_text, read_json
 
 
 def planned_runs(cfg: Config) -> list[dict[str, Any]]:
-    """The (method, label_ratio, seed) grid, plus the 100% supervised ceiling per seed."""
+    """The grid: every method and ablation x label ratio x seed, plus the 100% supervised ceiling per seed.
+
+    Each run is ``{"row": table row name, "data.label_ratio": p, "seed": s, "overrides": {dotted: value}}``.
+    """
     ex = cfg.experiment
-    runs = [{"method": m, "data.label_ratio": float(p), "seed": int(s)}
-            for p in ex.label_ratios for m in ex.methods for s in ex.seeds]
+    rows = [(m, {"method": m}) for m in ex.methods] + [(n, dict(o)) for n, o in ex.ablations.items()]
+    runs = [{"row": name, "data.label_ratio": float(p), "seed": int(s), "overrides": ov}
+            for p in ex.label_ratios for name, ov in rows for s in ex.seeds]
     if ex.ceiling:
-        runs += [{"method": "supervised", "data.label_ratio": 1.0, "seed": int(s)} for s in ex.seeds]
+        runs += [{"row": "supervised", "data.label_ratio": 1.0, "seed": int(s), "overrides": {"method": "supervised"}}
+                 for s in ex.seeds]
     return runs
 
 
 def run_name(r: dict[str, Any]) -> str:
-    return f"{r['method']}_p{r['data.label_ratio']:g}_s{r['seed']}"
+    return f"{r['row']}_p{r['data.label_ratio']:g}_s{r['seed']}"
+
+
+def run_overrides(r: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    return {**r["overrides"], "data.label_ratio": r["data.label_ratio"], "seed": r["seed"], "run.dir": str(run_dir)}
 
 
 def run_experiment(cfg: Config) -> str:
@@ -48,7 +57,7 @@ def run_experiment(cfg: Config) -> str:
             continue
         print(f"l2l experiment: running {run_name(r)}", flush=True)
         tic = time.perf_counter()
-        run(apply_overrides(cfg, {**r, "run.dir": str(run_dir)}))
+        run(apply_overrides(cfg, run_overrides(r, run_dir)))
         print(f"l2l experiment: {run_name(r)} finished in {time.perf_counter() - tic:.0f} s", flush=True)
     command = "l2l " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "l2l experiment"
     table = results_table(cfg, command)
@@ -64,14 +73,83 @@ def _fmt(values: list[float]) -> str:
     return f"{arr.mean():.1f} ± {arr.std():.1f}" if len(arr) > 1 else f"{arr.mean():.1f}"
 
 
-def results_table(cfg: Config, command: str) -> str:
-    """Markdown table of val/test mIoU and oIoU (mean ± std over seeds, in %), from the runs' metrics."""
-    base = Path(cfg.run.dir)
+def _groups(cfg: Config) -> dict[tuple[str, float], list[dict]]:
+    """(row, label ratio) -> the finished runs' metrics, in the order of the plan."""
     groups: dict[tuple[str, float], list[dict]] = {}
     for r in planned_runs(cfg):
-        m = read_json(base / run_name(r) / "metrics.json")
+        m = read_json(Path(cfg.run.dir) / run_name(r) / "metrics.json")
         if m is not None:
-            groups.setdefault((r["method"], r["data.label_ratio"]), []).append(m)
+            groups.setdefault((r["row"], r["data.label_ratio"]), []).append(m)
+    return dict(sorted(groups.items(), key=lambda kv: kv[0][1]))  # stable: plan order within a ratio
+
+
+def _mean(values: list) -> float | None:
+    vals = [float(v) for v in values if v is not None]
+    return float(np.mean(vals)) if vals else None
+
+
+def _cell(v: float | None, scale: float = 1.0, digits: int = 3) -> str:
+    return "n/a" if v is None else f"{v * scale:.{digits}f}"
+
+
+def comparison(groups: dict[tuple[str, float], list[dict]], method: str = "l2l",
+               baselines: tuple[str, ...] = ("supervised", "mean_teacher", "semires")) -> list[str]:
+    """One line per label ratio: ``method``'s mean val mIoU minus each baseline's (seed means)."""
+    lines = []
+    for ratio in sorted({p for _, p in groups if p < 1.0}):
+        ours = _mean([m["splits"]["val"]["mIoU"] for m in groups.get((method, ratio), [])])
+        if ours is None:
+            continue
+        diffs = []
+        for b in baselines:
+            theirs = _mean([m["splits"]["val"]["mIoU"] for m in groups.get((b, ratio), [])])
+            if theirs is not None:
+                diffs.append(f"{b} {100 * (ours - theirs):+.1f}")
+        lines.append(f"- labels {ratio:g}: {method} val mIoU {100 * ours:.1f}; difference to "
+                     + (", ".join(diffs) if diffs else "(no baseline run finished yet)"))
+    return lines
+
+
+def round_log(groups: dict[tuple[str, float], list[dict]]) -> list[str]:
+    """Per-round diagnostics of the semi-supervised runs, averaged over seeds."""
+    head = ("| method | labels | round | val mIoU | trusted pixels | rejected pairs | pseudo IoU (diag.) | "
+            "reward total | reward prior | reward consistency | reward progress | reward labeled IoU | "
+            "held-out labeled IoU (teacher) | top candidate |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for (row, ratio), ms in groups.items():
+        if not any(m.get("rounds") for m in ms):
+            continue
+        warm = _cell(_mean([(m.get("warmup_val") or {}).get("mIoU") for m in ms]))
+        lines.append(f"| {row} | {ratio:g} | 0 (warm-up) | {warm}" + " |" * 11)
+        for k in range(max(len(m["rounds"]) for m in ms)):
+            rs = [m["rounds"][k] for m in ms if len(m["rounds"]) > k]
+            rw = lambda key, rs=rs: _cell(_mean([(x.get("reward") or {}).get(key) for x in rs]))  # noqa: E731
+            lines.append(
+                f"| {row} | {ratio:g} | {k + 1} | {_cell(_mean([x['val']['mIoU'] for x in rs]))} | "
+                f"{_cell(_mean([x.get('trusted_pixel_share') for x in rs]))} | "
+                f"{_cell(_mean([x.get('rejected_share') for x in rs]))} | "
+                f"{_cell(_mean([x.get('pseudo_iou_diag') for x in rs]))} | {rw('total')} | {rw('prior')} | "
+                f"{rw('consistency')} | {rw('progress')} | {rw('labeled_iou')} | "
+                f"{_cell(_mean([x.get('heldout_teacher_iou') for x in rs]))} | {_top_candidate(rs)} |")
+    return lines
+
+
+def _top_candidate(rs: list[dict]) -> str:
+    shares: dict[str, list[float]] = {}
+    for x in rs:
+        for k, v in x.items():
+            if k.startswith("cand_share/"):
+                shares.setdefault(k.split("/", 1)[1], []).append(float(v))
+    if not shares:
+        return ""
+    name, vals = max(shares.items(), key=lambda kv: np.mean(kv[1]))
+    return f"{name} {np.mean(vals):.2f}"
+
+
+def results_table(cfg: Config, command: str) -> str:
+    """Markdown: val/test mIoU and oIoU (mean ± std over seeds, in %) per row and label ratio, l2l's lead
+    over each baseline, and the per-round diagnostics; every number read from the runs' metrics.json."""
+    groups = _groups(cfg)
     splits = sorted({s for ms in groups.values() for m in ms for s in m.get("splits", {})},
                     key=lambda s: (s != "val", s))
     head = "| method | labels | seeds | " + " | ".join(f"{s} mIoU | {s} oIoU" for s in splits) + " | wall s |"
@@ -84,11 +162,26 @@ def results_table(cfg: Config, command: str) -> str:
         head,
         "|" + "---|" * (head.count("|") - 1),
     ]
-    for (method, ratio), ms in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+    for (row, ratio), ms in groups.items():
         cells = []
         for s in splits:
             for key in ("mIoU", "oIoU"):
                 cells.append(_fmt([m["splits"][s][key] for m in ms if s in m.get("splits", {})]))
         wall = np.mean([m.get("timing", {}).get("total_s", float("nan")) for m in ms])
-        lines.append(f"| {method} | {ratio:g} | {len(ms)} | " + " | ".join(cells) + f" | {wall:.0f} |")
+        lines.append(f"| {row} | {ratio:g} | {len(ms)} | " + " | ".join(cells) + f" | {wall:.0f} |")
+    ablations = {n: o for n, o in cfg.experiment.ablations.items()}
+    if ablations:
+        lines += ["", "Ablations (each l2l with these overrides): "
+                  + "; ".join(f"`{n}`: " + ", ".join(f"{k}={v}" for k, v in o.items()) for n, o in ablations.items())]
+    lead = comparison(groups)
+    if lead:
+        lines += ["", "## l2l against the baselines (val mIoU, mean over seeds, points)", "", *lead]
+    log = round_log(groups)
+    if len(log) > 2:
+        lines += ["", "## Per-round log (mean over seeds)", "",
+                  "Trusted pixels: share of pixels of kept pairs with non-zero weight; rejected pairs: share of "
+                  "pairs dropped; pseudo IoU: selected pseudo-labels against the hidden truth of their unlabeled "
+                  "refs, a diagnostic only (never a training signal); rewards: the selector's terms for the "
+                  "previous round's exploratory choices; held-out labeled IoU: the teacher on the labeled "
+                  "pairs kept out of training (l2l with RL only).", "", *log]
     return "\n".join(lines) + "\n"
