@@ -179,6 +179,9 @@ class SemiConfig:
     selector_hidden: int = 64  # width of the candidate encoder (pixel head uses hidden // 4)
     selector_cpus: float = 0.5  # Ray CPUs reserved per SelectorActor (it idles while the student trains)
     selector_threads: int = 1  # torch threads in a SelectorActor (0 = Ray default); 1 is fastest on a busy 2-core box
+    teacher_actors: int = 0  # teacher inference on this many Ray actors (0 = in the driver / one GPU task)
+    teacher_cpus: float = 1.0  # Ray CPUs per teacher actor
+    teacher_threads: int = 1  # torch threads per teacher actor (0 = Ray default)
     semires_iou: float = 0.5  # SemiRES IOM: proposal replaces the teacher mask when IoU > this
     semires_pwa_var: float = 0.1  # SemiRES PWA: variance (not sigma) of N(p; 0.5, var), as in its code
 
@@ -189,6 +192,8 @@ class SemiConfig:
             raise ConfigError(f"semi.selector_heldout={self.selector_heldout}: must be in [0, 1), e.g. 0.25")
         if self.selector_pixel_stride not in (1, 2, 4, 8):
             raise ConfigError(f"semi.selector_pixel_stride={self.selector_pixel_stride}: choose 1, 2, 4 or 8")
+        if self.teacher_actors < 0:
+            raise ConfigError(f"semi.teacher_actors={self.teacher_actors}: must be >= 0 (0 = teacher in the driver)")
         if self.selector_workers < 1 or self.selector_minibatch < 1:
             raise ConfigError("semi.selector_workers and semi.selector_minibatch must be >= 1")
 

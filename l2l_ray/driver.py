@@ -40,6 +40,7 @@ class RoundContext:
     pairs: list  # all unlabeled (UnlabeledSample, Sentence) pairs
     heldout: list  # held-out labeled (LabeledSample, Sentence) pairs: the selector's practice set
     selector: Any = None  # SelectorGroup (l2l with RL) or None
+    teacher: Any = None  # TeacherPool (semi.teacher_actors > 0) or None: teacher inference in this process
     carry: dict = field(default_factory=dict)  # values handed to the next round (progress, held-out IoU)
 
 
@@ -105,8 +106,8 @@ def _candidates(ctx: RoundContext, state, pairs: list, build_candidates):
     from l2l_ray.train import predict_samples
 
     cfg = ctx.cfg
-    t1 = predict_samples(cfg, state.state_ref, "teacher", pairs, ctx.guide)
-    t2 = predict_samples(cfg, state.state_ref, "teacher", pairs, ctx.guide, flip=True)
+    t1 = predict_samples(cfg, state.state_ref, "teacher", pairs, ctx.guide, pool=ctx.teacher)
+    t2 = predict_samples(cfg, state.state_ref, "teacher", pairs, ctx.guide, flip=True, pool=ctx.teacher)
     prior_list = [_prior_for(ctx.priors, s.sent_id, smp.ref_id) for smp, s in pairs]
     return build_candidates(t1, t2, prior_list, cfg.data.image_size,
                             sent_ids=[s.sent_id for _, s in pairs], ref_ids=[smp.ref_id for smp, _ in pairs])
@@ -200,13 +201,15 @@ def run(cfg: Config, on_round: RoundCallback | None = None) -> dict[str, Any]:
     state = fit_segmenter(cfg, run_dir, stage, data, guide, supervised_epochs(cfg))
     timing["warmup_s"] = time.perf_counter() - tic
     rounds: list[dict] = []
-    val0 = selector = None
+    val0 = selector = teacher = None
     try:
         if cfg.method != "supervised":
             val0 = evaluate(cfg, state.state_ref, full, guide, splits=["val"])["val"]
             on_round(0, {"round": 0, "val": val0})
             selector = _selector(cfg, run_dir) if use_rl else None
-            state, rounds = _rounds(cfg, run_dir, full, data, priors, guide, heldout, state, selector, on_round)
+            teacher = _teacher_pool(cfg)
+            state, rounds = _rounds(cfg, run_dir, full, data, priors, guide, heldout, state, selector, teacher,
+                                    on_round)
 
         tic = time.perf_counter()
         splits = evaluate(cfg, state.state_ref, full, guide)  # every split of the scheme
@@ -215,8 +218,9 @@ def run(cfg: Config, on_round: RoundCallback | None = None) -> dict[str, Any]:
             on_round(0, {"round": 0, "val": splits["val"]})
         _save_gallery(cfg, run_dir, full, priors, guide, state, selector)
     finally:
-        if selector is not None:  # free the actors' CPUs for whatever runs next in this process
-            selector.shutdown()
+        for group in (selector, teacher):  # free the actors' CPUs for whatever runs next in this process
+            if group is not None:
+                group.shutdown()
     timing["total_s"] = time.perf_counter() - t0
     metrics = {"method": cfg.method, "label_ratio": cfg.data.label_ratio, "seed": cfg.seed, "splits": splits,
                "rounds": rounds, "timing": {k: round(v, 2) for k, v in timing.items()},
@@ -238,14 +242,23 @@ def _selector(cfg: Config, run_dir: Path):
     return selector
 
 
-def _rounds(cfg, run_dir, full, data, priors, guide, heldout, state, selector, on_round):
+def _teacher_pool(cfg: Config):
+    if cfg.semi.teacher_actors <= 0:
+        return None
+    from l2l_ray.train.teacher_pool import TeacherPool
+
+    return TeacherPool(cfg)
+
+
+def _rounds(cfg, run_dir, full, data, priors, guide, heldout, state, selector, teacher, on_round):
     from l2l_ray.train import fit_segmenter
     from l2l_ray.train.fit import CHECKPOINTS, DONE_FILE
 
     pairs = [(smp, s) for smp in data.unlabeled for s in smp.sentences]
     fresh = {"rounds": [], "carry": {}}
     saved = read_json(run_dir / "rounds.json", default=fresh) if cfg.run.resume else fresh  # resume=false: redo all
-    ctx = RoundContext(cfg, run_dir, data, full, priors, guide, pairs, heldout, selector, _load_carry(saved))
+    ctx = RoundContext(cfg, run_dir, data, full, priors, guide, pairs, heldout, selector, teacher,
+                       _load_carry(saved))
     rounds = list(saved["rounds"])[: cfg.semi.rounds]  # a rerun with fewer rounds stops at its own last one
     if rounds:  # finished before a restart: continue from the last finished round's checkpoint
         stage_dir = run_dir / CHECKPOINTS / f"round_{len(rounds)}"

@@ -82,7 +82,8 @@ def _check_split_metrics(metrics: dict, eval_pairs: dict) -> None:
 @pytest.mark.ray
 def test_l2l_round_on_ray_then_rerun_resumes_without_retraining(tiny_root, tmp_path):
     run_dir = tmp_path / "l2l"
-    cfg = _cfg(tiny_root, run_dir, "method=l2l", "train.num_workers=1")  # student on Ray Train
+    cfg = _cfg(tiny_root, run_dir, "method=l2l", "train.num_workers=1",  # student on Ray Train,
+               "semi.teacher_actors=1", "semi.teacher_cpus=0.5")  # teacher on an actor
     seen: list[int] = []
     m = driver.run(cfg, on_round=lambda r, x: seen.append(r))
 
@@ -163,9 +164,48 @@ def test_restart_between_exploring_rounds_continues_with_the_next_round(tiny_roo
     assert [r["round"] for r in m["rounds"]] == [1, 2] and m["rounds"][0] == saved["rounds"][0]
     assert {k: v for k, v in _stage_files(tmp_path).items() if k in before} == before
     r2 = m["rounds"][1]
-    # the actions of round 1 lived on the (restarted) actors: paid, or the skip is counted in the round's log
-    assert "reward/total" in r2 or r2.get("selector/update_skipped_no_pending") == 1.0
+    # round 1's exploratory actions were saved beside selector.pt, so the restarted actors still pay them
+    assert "reward/total" in r2 and "selector/update_skipped_no_pending" not in r2
+    assert r2["selector/update_pairs"] > 0
+    assert not (tmp_path / "selector.pt.pending").exists()  # round 2 was greedy: nothing left to pay
     assert (tmp_path / "checkpoints/round_2/done.json").is_file()
+
+
+@pytest.mark.ray
+def test_teacher_pool_matches_in_process_inference(tiny_root, tmp_path):
+    """Teacher inference on two Ray actors (weights sent once as an object ref) = the in-process result."""
+    import ray
+
+    from l2l_ray.model import build_segmenter
+    from l2l_ray.train import predict_samples, tokenizer_for
+    from l2l_ray.train.teacher_pool import TeacherPool
+
+    cfg = _cfg(tiny_root, tmp_path, "semi.teacher_actors=2", "semi.teacher_cpus=0.5")
+    data = load_dataset(cfg)
+    tok = tokenizer_for(cfg, tmp_path, data)
+    torch.manual_seed(0)
+    weights = build_segmenter(cfg, tok).state_dict()
+    state = ray.put({"student": weights, "teacher": weights, "tokenizer": tok.to_json()})
+    pairs = [(smp, s) for smp in data.unlabeled for s in smp.sentences][:11]  # 11 rows: uneven slices
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the actors' thread count: same float path, same bytes
+    try:
+        want = predict_samples(cfg, state, "teacher", pairs, None)
+        want_flip = predict_samples(cfg, state, "teacher", pairs, None, flip=True)
+    finally:
+        torch.set_num_threads(threads)
+    pool = TeacherPool(cfg)
+    try:
+        assert len(pool) == 2
+        got = predict_samples(cfg, state, "teacher", pairs, None, pool=pool)
+        version = pool.version
+        got_flip = predict_samples(cfg, state, "teacher", pairs, None, flip=True, pool=pool)
+        assert pool.version == version == 1  # the same weights were not sent twice
+        assert got.shape == (11, 64, 64) and got.dtype == np.uint8
+        assert np.array_equal(got, want) and np.array_equal(got_flip, want_flip)
+        assert not np.array_equal(got, got_flip)
+    finally:
+        pool.shutdown()
 
 
 # --- pseudo-labels never read a hidden mask ------------------------------------------------------------

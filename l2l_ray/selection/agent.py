@@ -218,6 +218,13 @@ class Selector:
                 "practice/trust_coverage": float(trust[kept].mean()) if kept.any() else 0.0}
 
     # --- state ------------------------------------------------------------------------------------
+    def get_pending(self) -> tuple[CandidateBatch, ActionRecord] | None:
+        """The exploratory selection still waiting for its rewards (saved beside the checkpoint)."""
+        return self._pending
+
+    def set_pending(self, pending: tuple[CandidateBatch, ActionRecord] | None) -> None:
+        self._pending = pending
+
     def get_state(self) -> dict:
         return {"module": {k: v.detach().clone() for k, v in self.module.state_dict().items()},
                 "optimizer": self.opt.state_dict(), "n_select": self.n_select, "n_updates": self.n_updates,

@@ -15,6 +15,7 @@ are averaged and broadcast (one ``ray.put``), so all actors select with the same
 from __future__ import annotations
 
 import os
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -59,6 +60,12 @@ class SelectorActor:
 
     def get_state(self) -> dict:
         return self.selector.get_state()
+
+    def get_pending(self):
+        return self.selector.get_pending()
+
+    def set_pending(self, pending) -> None:
+        self.selector.set_pending(pending)
 
     def set_state(self, state: dict, weights_only: bool = False) -> None:
         self.selector.set_state(state, weights_only)
@@ -168,11 +175,21 @@ class SelectorGroup:
         self._broadcast(state, weights_only=False)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Selector checkpoint: actor 0's full state (weights, optimizer, counters, RNGs), written atomically."""
+        """Selector checkpoint: actor 0's full state (weights, optimizer, counters, RNGs), written atomically;
+        the pending exploratory selection (candidates + actions of every actor) goes to ``<path>.pending``, so a
+        restarted driver still pays last round's choices."""
         atomic_write_bytes(path, state_to_bytes(self.get_state()))
+        pending_path = Path(f"{path}.pending")
+        if self._bounds is None:
+            pending_path.unlink(missing_ok=True)
+            return
+        parts = ray.get([a.get_pending.remote() for a in self.actors])
+        atomic_write_bytes(pending_path, pickle.dumps({"bounds": self._bounds, "sent_ids": self._pending_ids,
+                                                       "parts": parts}, protocol=5))
 
     def load(self, path: str | os.PathLike) -> bool:
-        """Restore a checkpoint written by ``save`` into every actor; False if there is none."""
+        """Restore a checkpoint written by ``save`` into every actor (and its pending selection when the actor
+        count is the same); False if there is none."""
         if not Path(path).is_file():
             return False
         try:
@@ -180,6 +197,16 @@ class SelectorGroup:
         except Exception as e:  # noqa: BLE001
             raise ValueError(f"selector checkpoint {path} is unreadable ({e}); delete it to start afresh") from e
         self.set_state(state)
+        pending_path = Path(f"{path}.pending")
+        if pending_path.is_file():
+            try:
+                pending = pickle.loads(pending_path.read_bytes())
+            except Exception as e:  # noqa: BLE001
+                raise ValueError(f"{pending_path} is unreadable ({e}); delete it (last round's exploratory "
+                                 "choices then go unpaid)") from e
+            if len(pending["parts"]) == len(self.actors):
+                ray.get([a.set_pending.remote(p) for a, p in zip(self.actors, pending["parts"], strict=True)])
+                self._bounds, self._pending_ids = pending["bounds"], np.asarray(pending["sent_ids"])
         return True
 
     def shutdown(self) -> None:

@@ -43,9 +43,15 @@ def infer_rows(cfg, state, which: str, images: np.ndarray, rows: RowTable, truth
     from l2l_ray.config import Config
 
     cfg = Config.from_dict(cfg) if isinstance(cfg, dict) else cfg
-    state = resolve(state)
     device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
-    model = load_model(cfg, state, which, device)
+    model = load_model(cfg, resolve(state), which, device)
+    return predict_rows(cfg, model, images, rows, truth, flip)
+
+
+def predict_rows(cfg, model, images: np.ndarray, rows: RowTable, truth: np.ndarray | None = None,
+                 flip: bool = False):
+    """``infer_rows`` with an already loaded ``model`` (eval mode, on its device)."""
+    device = next(model.parameters()).device
     s, n, bs = images.shape[-1], len(rows), max(1, cfg.train.eval_batch_size)
     probs = np.zeros((0 if truth is not None else n, s, s), np.uint8)
     inters, unions = np.zeros(n, np.int64), np.zeros(n, np.int64)
@@ -90,13 +96,14 @@ def _tokenizer(state_ref) -> TextTokenizer:
 
 
 def predict_samples(cfg, state_ref, which: str, samples: Sequence[tuple], priors: dict | None,
-                    flip: bool = False) -> np.ndarray:
+                    flip: bool = False, pool=None) -> np.ndarray:
     """Probabilities for (sample, Sentence) pairs -> uint8 (N, S, S) (p * 255), row i = pair i.
 
     ``sample`` is any record with ``image_path`` and ``ref_id`` (UnlabeledSample, LabeledSample); the prior of
     row i is ``priors[sentence.sent_id]`` (uninformative if missing). ``flip=True`` predicts on the mirrored
     image with "left"/"right" swapped in the sentence and mirrors the result back (a consistency view).
-    For very large sets call it in chunks (the result is N*S*S bytes).
+    For very large sets call it in chunks (the result is N*S*S bytes). ``pool``: a ``TeacherPool`` of Ray
+    actors to spread the rows over (``semi.teacher_actors``); None runs as ``_run`` does.
     """
     state = resolve(state_ref)
     s = cfg.data.image_size
@@ -105,6 +112,8 @@ def predict_samples(cfg, state_ref, which: str, samples: Sequence[tuple], priors
                      min(cfg.priors.proposal_size, s), index, flip=flip)
     if not len(rows):
         return np.zeros((0, s, s), np.uint8)
+    if pool is not None:
+        return pool.predict(state_ref, which, index.load(s), rows, flip)
     return _run(cfg, state_ref, which, index.load(s), rows, None, flip)
 
 
