@@ -5,18 +5,19 @@
 
 Both paths run the driver's own ``run_round`` on the same data, priors, warm-up weights and config:
 
-- ``ray``: the driver's layout: SelectorActors (a ``SelectorGroup``), the student on Ray Train (one
-  TorchTrainer worker), pseudo-labels and weights as object refs.
+- ``ray``: the driver's layout: SelectorActors (a ``SelectorGroup``), teacher inference on a
+  ``TeacherPool`` of ``--teacher-actors`` actors (0: in the driver, the 2-core default), the student on
+  Ray Train (one TorchTrainer worker), pseudo-labels and weights as object refs.
 - ``one process``: the same round's work without actors or Ray Train: an in-process ``Selector`` and
   in-process training (``train.num_workers=0``). (``run_round`` still ``ray.put``s the pseudo-label
   batch once; a local put of a few MB.)
 
 Printed per path: teacher inference + candidates, selection (incl. the selector's practice on held-out
 labeled pairs), training, evaluation, round total; for Ray also the start-up of the SelectorActors
-(once per run, not per round) and the Ray Train overhead (stage wall time minus the worker's own epoch
-time, which both paths spend). The last line is the ratio Ray round / one-process round. The warm-up
-weights come from one short in-process stage so both paths start from the same teacher. Wall clock on
-this machine: run it on an idle machine.
+and teacher actors (once per run, not per round) and the Ray Train overhead (stage wall time minus
+the worker's own epoch time, which both paths spend). The last line is the ratio Ray round /
+one-process round. The warm-up weights come from one short in-process stage so both paths start from
+the same teacher. Wall clock on this machine: run it on an idle machine.
 """
 
 from __future__ import annotations
@@ -41,27 +42,28 @@ def _config(args, root: Path):
         "run.resume=false"])
 
 
-def _context(cfg, run_dir: Path, data, full, priors, heldout, selector):
+def _context(cfg, run_dir: Path, data, full, priors, heldout, selector, teacher):
     from l2l_ray.driver import RoundContext
 
     pairs = [(smp, s) for smp in data.unlabeled for s in smp.sentences]
-    return RoundContext(cfg, run_dir, data, full, priors, priors, pairs, heldout, selector)
+    return RoundContext(cfg, run_dir, data, full, priors, priors, pairs, heldout, selector, teacher)
 
 
-def _one_round(cfg, run_dir: Path, warm_dir: Path, data, full, priors, heldout, state, make_selector) -> dict:
+def _one_round(cfg, run_dir: Path, warm_dir: Path, data, full, priors, heldout, state, make_actors) -> dict:
     from l2l_ray.driver import run_round
 
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(warm_dir / "tokenizer.json", run_dir / "tokenizer.json")  # same tokenizer, same model
     tic = time.perf_counter()
-    selector = make_selector()
+    selector, teacher = make_actors()
     start_s = time.perf_counter() - tic
     tic = time.perf_counter()
-    new_state, out = run_round(1, _context(cfg, run_dir, data, full, priors, heldout, selector), state)
+    new_state, out = run_round(1, _context(cfg, run_dir, data, full, priors, heldout, selector, teacher), state)
     total = time.perf_counter() - tic
     worker_s = sum(h["time_s"] for h in new_state.history[-cfg.semi.epochs_per_round:])
-    if hasattr(selector, "shutdown"):
-        selector.shutdown()
+    for group in (selector, teacher):
+        if hasattr(group, "shutdown"):
+            group.shutdown()
     return {**out["timing"], "round_s": total, "actor_start_s": start_s, "worker_epoch_s": worker_s,
             "val_mIoU": out["val"]["mIoU"]}
 
@@ -75,11 +77,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="training steps of the warm-up and of the round")
     ap.add_argument("--batch", type=int, default=24)
     ap.add_argument("--threads", type=int, default=1, help="torch threads, the same on both paths")
+    ap.add_argument("--teacher-actors", type=int, default=1,
+                    help="TeacherPool actors on the Ray path (0: teacher in the driver, the 2-core default)")
     ap.add_argument("--root", default="", help="work folder (default: a temporary one, removed at the end)")
     args = ap.parse_args()
 
     from l2l_ray.data import ensure_data, load_dataset
-    from l2l_ray.driver import _priors, _split_heldout
+    from l2l_ray.driver import _priors, _split_heldout, _teacher_pool
     from l2l_ray.ray_utils import ensure_ray
     from l2l_ray.selection.agent import Selector
     from l2l_ray.selection.selector import SelectorGroup
@@ -98,13 +102,14 @@ def main() -> None:
         print(f"warm-up: {args.steps} steps in process ...", flush=True)
         state = fit_segmenter(local, warm_dir, "warmup", data, priors, 1)
 
-        ray_cfg = apply_overrides(cfg, {"train.num_workers": max(1, cfg.train.num_workers)})
-        print("round on Ray (SelectorActors + Ray Train) ...", flush=True)
+        ray_cfg = apply_overrides(cfg, {"train.num_workers": max(1, cfg.train.num_workers),
+                                        "semi.teacher_actors": args.teacher_actors})
+        print(f"round on Ray (SelectorActors, {args.teacher_actors} teacher actor(s), Ray Train) ...", flush=True)
         on_ray = _one_round(ray_cfg, root / "ray", warm_dir, data, full, priors, heldout, state,
-                            lambda: SelectorGroup(ray_cfg))
+                            lambda: (SelectorGroup(ray_cfg), _teacher_pool(ray_cfg)))
         print("the same round in one process ...", flush=True)
         alone = _one_round(local, root / "local", warm_dir, data, full, priors, heldout, state,
-                           lambda: Selector(local.semi, local.data.image_size, local.seed * 1000))
+                           lambda: (Selector(local.semi, local.data.image_size, local.seed * 1000), None))
     finally:
         if not args.root:
             shutil.rmtree(root, ignore_errors=True)
@@ -119,7 +124,7 @@ def main() -> None:
     print(f"{'  of which worker epoch time':32s} {on_ray['worker_epoch_s']:8.2f} {alone['worker_epoch_s']:12.2f}")
     print(f"{'Ray Train overhead (start etc.)':32s} {trainer_overhead:8.2f} "
           f"{alone['train_s'] - alone['worker_epoch_s']:12.2f}")
-    print(f"{'SelectorActor start (per run)':32s} {on_ray['actor_start_s']:8.2f} {alone['actor_start_s']:12.2f}")
+    print(f"{'actor start (per run)':32s} {on_ray['actor_start_s']:8.2f} {alone['actor_start_s']:12.2f}")
     extra = on_ray["round_s"] - alone["round_s"]
     print(f"Ray's share of the round: {extra:.2f} s of {on_ray['round_s']:.2f} s "
           f"({100 * extra / on_ray['round_s']:.1f}%); ratio ray / one process = "
