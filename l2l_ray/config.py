@@ -219,6 +219,7 @@ class ExperimentSection:
     # name -> {dotted key: value}: extra rows, each run like `methods` at every ratio and seed, e.g.
     # {l2l_no_guidance: {method: l2l, model.guidance: false}} (a dict-valued leaf, like tune.space)
     ablations: dict = field(default_factory=dict)
+    prior_row: bool = True  # also score the prior's proposal alone (no segmenter, no labels)
     out: str = "docs/results.md"
 
     def validate(self) -> None:

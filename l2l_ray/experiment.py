@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from l2l_ray.config import Config, apply_overrides
-from l2l_ray.io import atomic_write_text, read_json
+from l2l_ray.io import atomic_write_json, atomic_write_text, read_json
 
 
 def planned_runs(cfg: Config) -> list[dict[str, Any]]:
@@ -34,7 +34,40 @@ def planned_runs(cfg: Config) -> list[dict[str, Any]]:
     if ex.ceiling:
         runs += [{"row": "supervised", "data.label_ratio": 1.0, "seed": int(s), "overrides": {"method": "supervised"}}
                  for s in ex.seeds]
+    if ex.prior_row:  # no training, no labels: seed and ratio do not matter
+        runs.append({"row": PRIOR_ROW, "data.label_ratio": 1.0, "seed": 0, "overrides": {}})
     return runs
+
+
+PRIOR_ROW = "prior_only"
+
+
+def evaluate_prior(cfg: Config) -> dict[str, Any]:
+    """The prior's soft proposal alone as the prediction (> 0.5 at model resolution, no training), scored
+    exactly as ``evaluate`` scores the segmenter; a sentence without a prior predicts an empty mask."""
+    from l2l_ray.data import ensure_data, load_dataset
+    from l2l_ray.data.images import load_mask_resized
+    from l2l_ray.metrics import summarize
+    from l2l_ray.priors.pipeline import load_priors, run_priors
+    from l2l_ray.ray_utils import ensure_ray
+
+    t0 = time.perf_counter()
+    ensure_ray(cfg)
+    ensure_data(cfg)
+    run_priors(cfg)  # computes only what the cache lacks
+    priors = load_priors(cfg, allow_missing=True)
+    bundle = load_dataset(cfg)
+    s, splits = cfg.data.image_size, {}
+    for name, samples in bundle.eval.items():
+        inters, unions = np.zeros(len(samples), np.int64), np.zeros(len(samples), np.int64)
+        for i, e in enumerate(samples):
+            p = priors.get(e.sent_id)
+            pred = p.soft_mask(s) > 0.5 if p is not None else np.zeros((s, s), bool)
+            gt = load_mask_resized(e.mask(), s)
+            inters[i], unions[i] = (pred & gt).sum(), (pred | gt).sum()
+        splits[name] = summarize(inters, unions)
+    return {"method": PRIOR_ROW, "label_ratio": None, "seed": None, "splits": splits, "rounds": [],
+            "timing": {"total_s": round(time.perf_counter() - t0, 2)}, "priors": len(priors)}
 
 
 def run_name(r: dict[str, Any]) -> str:
@@ -57,7 +90,10 @@ def run_experiment(cfg: Config) -> str:
             continue
         print(f"l2l experiment: running {run_name(r)}", flush=True)
         tic = time.perf_counter()
-        run(apply_overrides(cfg, run_overrides(r, run_dir)))
+        if r["row"] == PRIOR_ROW:
+            atomic_write_json(run_dir / "metrics.json", evaluate_prior(apply_overrides(cfg, run_overrides(r, run_dir))))
+        else:
+            run(apply_overrides(cfg, run_overrides(r, run_dir)))
         print(f"l2l experiment: {run_name(r)} finished in {time.perf_counter() - tic:.0f} s", flush=True)
     command = "l2l " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:] else "l2l experiment"
     table = results_table(cfg, command)
@@ -93,7 +129,7 @@ def _cell(v: float | None, scale: float = 1.0, digits: int = 3) -> str:
 
 
 def comparison(groups: dict[tuple[str, float], list[dict]], method: str = "l2l",
-               baselines: tuple[str, ...] = ("supervised", "mean_teacher", "semires")) -> list[str]:
+               baselines: tuple[str, ...] = ("supervised", "mean_teacher", "semires", PRIOR_ROW)) -> list[str]:
     """One line per label ratio: ``method``'s mean val mIoU minus each baseline's (seed means)."""
     lines = []
     for ratio in sorted({p for _, p in groups if p < 1.0}):
@@ -102,7 +138,7 @@ def comparison(groups: dict[tuple[str, float], list[dict]], method: str = "l2l",
             continue
         diffs = []
         for b in baselines:
-            theirs = _mean([m["splits"]["val"]["mIoU"] for m in groups.get((b, ratio), [])])
+            theirs = _mean([m["splits"]["val"]["mIoU"] for m in groups.get((b, 1.0 if b == PRIOR_ROW else ratio), [])])
             if theirs is not None:
                 diffs.append(f"{b} {100 * (ours - theirs):+.1f}")
         lines.append(f"- labels {ratio:g}: {method} val mIoU {100 * ours:.1f}; difference to "
@@ -168,11 +204,15 @@ def results_table(cfg: Config, command: str) -> str:
             for key in ("mIoU", "oIoU"):
                 cells.append(_fmt([m["splits"][s][key] for m in ms if s in m.get("splits", {})]))
         wall = np.mean([m.get("timing", {}).get("total_s", float("nan")) for m in ms])
-        lines.append(f"| {row} | {ratio:g} | {len(ms)} | " + " | ".join(cells) + f" | {wall:.0f} |")
+        labels = "none (no training)" if row == PRIOR_ROW else f"{ratio:g}"
+        lines.append(f"| {row} | {labels} | {len(ms)} | " + " | ".join(cells) + f" | {wall:.0f} |")
     ablations = {n: o for n, o in cfg.experiment.ablations.items()}
     if ablations:
         lines += ["", "Ablations (each l2l with these overrides): "
                   + "; ".join(f"`{n}`: " + ", ".join(f"{k}={v}" for k, v in o.items()) for n, o in ablations.items())]
+    if (PRIOR_ROW, 1.0) in groups:
+        lines += ["", f"`{PRIOR_ROW}`: the {cfg.priors.backend} prior's soft proposal alone (> 0.5) as the prediction, "
+                  "no segmenter; what guidance starts from."]
     lead = comparison(groups)
     if lead:
         lines += ["", "## l2l against the baselines (val mIoU, mean over seeds, points)", "", *lead]

@@ -17,10 +17,10 @@ def _cfg(tmp_path, *extra):
 def test_grid_has_methods_ablations_and_ceiling(tmp_path):
     cfg = _cfg(tmp_path, "experiment.ablations={l2l_no_rl: {method: l2l, semi.use_rl: false}}")
     runs = planned_runs(cfg)
-    assert len(runs) == (3 + 1) * 2 * 2 + 2  # (methods + ablations) x ratios x seeds + ceiling per seed
+    assert len(runs) == (3 + 1) * 2 * 2 + 2 + 1  # (methods + ablations) x ratios x seeds + ceiling + prior row
     names = [run_name(r) for r in runs]
     assert len(set(names)) == len(names)
-    assert "l2l_no_rl_p0.05_s1" in names and "supervised_p1_s0" in names
+    assert "l2l_no_rl_p0.05_s1" in names and "supervised_p1_s0" in names and "prior_only_p1_s0" in names
     ab = next(r for r in runs if r["row"] == "l2l_no_rl")
     ov = run_overrides(ab, tmp_path / "x")
     assert ov["semi.use_rl"] is False and ov["method"] == "l2l" and ov["run.dir"] == str(tmp_path / "x")
@@ -47,12 +47,14 @@ def _metrics(val: float, test: float, rounds=()):
 def test_table_means_spreads_and_lead(tmp_path):
     cfg = _cfg(tmp_path)
     values = {("supervised", 0.01): (0.10, 0.20), ("semires", 0.01): (0.30, 0.30), ("l2l", 0.01): (0.40, 0.50),
-              ("supervised", 0.05): (0.20, 0.20)}
+              ("supervised", 0.05): (0.20, 0.20), ("prior_only", 1.0): (0.35, None)}
     rnd = {"round": 1, "val": {"mIoU": 0.45}, "trusted_pixel_share": 0.8, "rejected_share": 0.1,
            "pseudo_iou_diag": 0.6, "reward": {"total": 1.5, "prior": 0.7}, "cand_share/proposal": 0.9,
            "cand_share/reject": 0.1}
     for (row, p), (s0, s1) in values.items():
         for seed, v in ((0, s0), (1, s1)):
+            if v is None:
+                continue
             r = {"row": row, "data.label_ratio": p, "seed": seed}
             atomic_write_json(tmp_path / run_name(r) / "metrics.json",
                               _metrics(v, v, [rnd] if row != "supervised" else []))
@@ -60,7 +62,8 @@ def test_table_means_spreads_and_lead(tmp_path):
     assert "| supervised | 0.01 | 2 | 15.0 ± 5.0 | 5.0 ± 5.0 |" in text
     assert "| l2l | 0.01 | 2 | 45.0 ± 5.0 |" in text
     assert "| semires | 0.01 | 2 | 30.0 ± 0.0 |" in text
-    assert "labels 0.01: l2l val mIoU 45.0; difference to supervised +30.0, semires +15.0" in text
+    assert "labels 0.01: l2l val mIoU 45.0; difference to supervised +30.0, semires +15.0, prior_only +10.0" in text
+    assert "| prior_only | none (no training) | 1 | 35.0 |" in text
     assert "l2l | 0.01 | 1 | 0.450 | 0.800 | 0.100 | 0.600 | 1.500 | 0.700 | n/a" in text
     assert "proposal 0.90" in text
     assert "0.05: l2l" not in text  # no l2l run at 5%: no comparison line
