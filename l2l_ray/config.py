@@ -119,6 +119,7 @@ class ModelConfig:
     text_layers: int = 0  # text encoder layers (from-scratch encoders only)
     max_tokens: int = 0  # tokens per sentence incl. [CLS]/[SEP] (longer sentences are truncated)
     aux_weight: float = 0.4  # weight of the auxiliary losses at the coarser decoder scales
+    prior_residual: float = 0.0  # > 0 (with guidance): logits += gain * logit(proposal); learnable gain starts here
 
 
 @dataclass

@@ -171,3 +171,25 @@ def test_one_batch_overfit_uses_the_sentence(tok):
     gt = b["target"] > 0.5
     iou = ((pred & gt).flatten(1).sum(1) / (pred | gt).flatten(1).sum(1)).tolist()
     assert min(iou[:2]) > 0.7, iou
+
+
+def test_prior_residual_adds_the_prior_logit_on_valid_rows_only(tok):
+    cfg = load_config(None, ["data.image_size=64"])
+    torch.manual_seed(0)
+    plain = build_segmenter(cfg, tok).eval()
+    torch.manual_seed(0)
+    res = build_segmenter(load_config(None, ["data.image_size=64", "model.prior_residual=1.5"]), tok).eval()
+    res.load_state_dict({**plain.state_dict(), "prior_gain": torch.tensor(1.5)})
+    assert plain.prior_gain is None and float(res.prior_gain) == 1.5
+    b = _batch(tok, 64, target=False)
+    prior = torch.full_like(b["prior"], 0.2)
+    prior[..., 10:30, 10:30] = 0.99  # clamped to 0.95 inside the residual
+    b = dict(b, prior=prior, prior_valid=torch.tensor([True, False, True, False]))
+    with torch.no_grad():
+        d = res(b)["logits"] - plain(b)["logits"]  # (B,1,S,S)
+    want = 1.5 * torch.logit(prior.clamp(0.05, 0.95))
+    assert torch.allclose(d[[0, 2]], want[[0, 2]], atol=1e-4)
+    assert torch.allclose(d[[1, 3]], torch.zeros_like(d[[1, 3]]), atol=1e-6)  # no prior: no residual
+    off = build_segmenter(load_config(None, ["data.image_size=64", "model.guidance=false",
+                                             "model.prior_residual=1.0"]), tok)
+    assert off.prior_gain is None  # no guidance, no prior anywhere in the model

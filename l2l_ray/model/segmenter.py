@@ -49,8 +49,11 @@ class Segmenter(nn.Module):
 
     def __init__(self, encoder: nn.Module, text_encoder: nn.Module, decoder: TopDownDecoder,
                  fusions: nn.ModuleList, prompt: PromptEncoder | None = None, aux_weight: float = 0.4,
-                 bottleneck: CrossModalBlock | None = None):
+                 bottleneck: CrossModalBlock | None = None, prior_residual: float = 0.0):
         super().__init__()
+        # the decoder predicts a correction of the prior's own logits (a learnable gain, 0 = off)
+        self.prior_gain = nn.Parameter(torch.tensor(float(prior_residual))) if prompt is not None and \
+            prior_residual > 0 else None
         self.bottleneck = bottleneck
         self.encoder = encoder
         self.text = text_encoder
@@ -74,7 +77,8 @@ class Segmenter(nn.Module):
         decoder = TopDownDecoder(encoder.channels, spec.width)
         bottleneck = (CrossModalBlock(encoder.channels[-1], d, spec.bottleneck_layers, max(1, d // 32))
                       if spec.bottleneck_layers else None)
-        return cls(encoder, text, decoder, fusions, prompt, cfg.model.aux_weight, bottleneck)
+        return cls(encoder, text, decoder, fusions, prompt, cfg.model.aux_weight, bottleneck,
+                   cfg.model.prior_residual)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """batch (see ``l2l_ray.model.inputs``) -> {"logits": (B,1,S,S), "aux": [(B,1,H_i,W_i)] coarser scales}."""
@@ -103,6 +107,10 @@ class Segmenter(nn.Module):
         feats = self.encoder(img, fuse)
         logits, aux = self.decoder(feats)  # (B,1,S/4,S/4), coarser
         logits = F.interpolate(logits, size=(s, s), mode="bilinear", align_corners=False)  # (B,1,S,S)
+        if self.prior_gain is not None:  # residual on the prior: logit(p) where there is one, 0 elsewhere
+            valid = batch["prior_valid"].to(logits.dtype)[:, None, None, None]
+            prior_logit = torch.logit(batch["prior"].float().clamp(0.05, 0.95)).to(logits.dtype)  # (B,1,S,S)
+            logits = logits + self.prior_gain.to(logits.dtype) * prior_logit * valid
         return {"logits": logits, "aux": aux}
 
     def loss_from_outputs(self, out: dict, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
