@@ -181,7 +181,7 @@ class SemiConfig:
     selector_cpus: float = 0.5  # Ray CPUs reserved per SelectorActor (it idles while the student trains)
     selector_threads: int = 1  # torch threads in a SelectorActor (0 = Ray default); 1 is fastest on a busy 2-core box
     teacher_actors: int = 0  # teacher inference on this many Ray actors (0 = in the driver / one GPU task)
-    teacher_cpus: float = 1.0  # Ray CPUs per teacher actor
+    teacher_cpus: float = 0.5  # Ray CPUs reserved per teacher actor (it idles while the student trains)
     teacher_threads: int = 1  # torch threads per teacher actor (0 = Ray default)
     semires_iou: float = 0.5  # SemiRES IOM: proposal replaces the teacher mask when IoU > this
     semires_pwa_var: float = 0.1  # SemiRES PWA: variance (not sigma) of N(p; 0.5, var), as in its code

@@ -72,10 +72,9 @@ def build_space(space: dict[str, Any]) -> dict[str, Any]:
 
 def trial_cpus(cfg: Config) -> float:
     """CPUs one trial holds at its peak: its driver, its Ray Train workers and its SelectorActors."""
-    cpus = cfg.tune.cpus_per_trial + (cfg.train.num_workers * cfg.train.cpus_per_worker)
-    if cfg.method == "l2l" and cfg.semi.use_rl:
-        cpus += cfg.semi.selector_workers * cfg.semi.selector_cpus
-    return cpus
+    from l2l_ray.train.fit import actor_cpus
+
+    return cfg.tune.cpus_per_trial + cfg.train.num_workers * cfg.train.cpus_per_worker + actor_cpus(cfg)
 
 
 def trial_resources(cfg: Config):
@@ -86,6 +85,8 @@ def trial_resources(cfg: Config):
     bundles = [{"CPU": cfg.tune.cpus_per_trial}]
     if cfg.method == "l2l" and cfg.semi.use_rl:
         bundles += [{"CPU": cfg.semi.selector_cpus}] * cfg.semi.selector_workers
+    if cfg.method != "supervised" and cfg.semi.teacher_actors > 0:
+        bundles += [{"CPU": cfg.semi.teacher_cpus, "GPU": 1.0 if cfg.train.use_gpu else 0.0}] * cfg.semi.teacher_actors
     return tune.PlacementGroupFactory(bundles)
 
 
@@ -97,7 +98,8 @@ def check_budget(cfg: Config, cluster_cpus: float) -> None:
             f"tune: {cfg.tune.max_concurrent} concurrent trial(s) x {need:g} CPUs (tune.cpus_per_trial "
             f"{cfg.tune.cpus_per_trial:g} + train.num_workers x train.cpus_per_worker "
             f"{cfg.train.num_workers}x{cfg.train.cpus_per_worker:g} + selector actors "
-            f"{cfg.semi.selector_workers}x{cfg.semi.selector_cpus:g}) exceed the cluster's {cluster_cpus:g} CPUs: "
+            f"{cfg.semi.selector_workers}x{cfg.semi.selector_cpus:g} + teacher actors "
+            f"{cfg.semi.teacher_actors}x{cfg.semi.teacher_cpus:g}) exceed the cluster's {cluster_cpus:g} CPUs: "
             "lower tune.max_concurrent or the per-trial CPUs")
 
 

@@ -205,3 +205,21 @@ def test_ray_train_two_workers_retry_a_crash_and_a_killed_driver_resumes(ray_ses
     assert res.history[-1]["samples"] == 4 * 2 * 4  # steps x workers x batch
     state = ray_session.get(res.state_ref)
     assert set(state) == {"student", "teacher", "tokenizer"} and Path(res.checkpoint_dir).name == "epoch_0003"
+
+
+@pytest.mark.ray
+def test_train_that_cannot_fit_the_local_cluster_is_a_clear_error(ray_session, monkeypatch, capsys):
+    """Ray Train workers + the run's actors over the cluster's CPUs would wait for ever: name the knobs instead."""
+    from l2l_ray.train.fit import actor_cpus, check_train_resources
+
+    cfg = load_config(None, ["method=l2l", "train.num_workers=2", "train.cpus_per_worker=1",
+                             "semi.teacher_actors=1", "semi.teacher_cpus=0.5", "semi.selector_cpus=0.5"])
+    assert actor_cpus(cfg) == 1.0
+    assert actor_cpus(load_config(None, ["method=supervised", "semi.teacher_actors=2"])) == 0.0
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(RuntimeError, match=r"3 CPUs, but the cluster has 2.*train.cpus_per_worker=0.5"):
+        check_train_resources(cfg)
+    check_train_resources(load_config(None, ["method=l2l", "train.num_workers=1", "train.cpus_per_worker=1"]))
+    monkeypatch.setenv("RAY_ADDRESS", "auto")  # a joined cluster may autoscale: warn, do not fail
+    check_train_resources(cfg)
+    assert "Waiting for the cluster to grow" in capsys.readouterr().out

@@ -122,6 +122,37 @@ class ProgressEcho:
         self._flush()
 
 
+def actor_cpus(cfg) -> float:
+    """CPUs the run's long-lived actors reserve: SelectorActors (l2l with RL) and teacher actors."""
+    cpus = cfg.semi.teacher_actors * cfg.semi.teacher_cpus if cfg.method != "supervised" else 0.0
+    if cfg.method == "l2l" and cfg.semi.use_rl:
+        cpus += cfg.semi.selector_workers * cfg.semi.selector_cpus
+    return cpus
+
+
+def check_train_resources(cfg) -> None:
+    """Ray Train's workers plus the run's own actors must fit the cluster, or Train waits for ever. On the local
+    cluster this is a RuntimeError naming the knobs; on a joined cluster (RAY_ADDRESS, which may autoscale)
+    a warning."""
+    import os
+
+    import ray
+
+    need = cfg.train.num_workers * cfg.train.cpus_per_worker + actor_cpus(cfg)
+    total = ray.cluster_resources().get("CPU", 0.0)
+    if need <= total + 1e-6:
+        return
+    msg = (f"Ray Train needs train.num_workers={cfg.train.num_workers} x train.cpus_per_worker="
+           f"{cfg.train.cpus_per_worker:g} CPUs next to the run's actors (semi.selector_workers="
+           f"{cfg.semi.selector_workers} x semi.selector_cpus={cfg.semi.selector_cpus:g}, semi.teacher_actors="
+           f"{cfg.semi.teacher_actors} x semi.teacher_cpus={cfg.semi.teacher_cpus:g}): {need:g} CPUs, but the "
+           f"cluster has {total:g}. Lower one of these (e.g. train.cpus_per_worker=0.5) or give Ray more CPUs.")
+    if os.environ.get("RAY_ADDRESS"):
+        print(f"warning: {msg} Waiting for the cluster to grow.", flush=True)
+        return
+    raise RuntimeError(msg)
+
+
 def _fit_on_ray(cfg, spec: StageSpec, tables, init_state, pseudo) -> Path:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -129,6 +160,7 @@ def _fit_on_ray(cfg, spec: StageSpec, tables, init_state, pseudo) -> Path:
 
     from l2l_ray.train.worker import train_loop_per_worker
 
+    check_train_resources(cfg)
     tables_ref = ray.put(tables)
     init_ref = init_state if init_state is None or _is_ref(init_state) else ray.put(init_state)
     pseudo_ref = pseudo if pseudo is None or _is_ref(pseudo) else ray.put(pseudo)
