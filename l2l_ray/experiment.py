@@ -193,7 +193,8 @@ def results_table(cfg: Config, command: str) -> str:
         "# Results on the built-in synthetic data",
         "",
         f"Produced by `{command}` (config `{cfg.run.dir}/*/config.yaml`); mean ± std over seeds, in %.",
-        "Every number is read from the runs' `metrics.json`; nothing here is typed by hand.",
+        "Every number is read from the runs' `metrics.json`; nothing here is typed by hand. `wall s`: the runs' "
+        "own wall time, mean over seeds (other work on the machine at the time inflates it).",
         "",
         head,
         "|" + "---|" * (head.count("|") - 1),
