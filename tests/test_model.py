@@ -180,7 +180,7 @@ def test_prior_residual_adds_the_prior_logit_on_valid_rows_only(tok):
     torch.manual_seed(0)
     res = build_segmenter(load_config(None, ["data.image_size=64", "model.prior_residual=1.5"]), tok).eval()
     res.load_state_dict({**plain.state_dict(), "prior_gain": torch.tensor(1.5)})
-    assert plain.prior_gain is None and float(res.prior_gain) == 1.5
+    assert plain.prior_gain is None and float(res.prior_gain.detach()) == 1.5
     b = _batch(tok, 64, target=False)
     prior = torch.full_like(b["prior"], 0.2)
     prior[..., 10:30, 10:30] = 0.99  # clamped to 0.95 inside the residual
