@@ -207,7 +207,7 @@ def results_table(cfg: Config, command: str) -> str:
         wall = np.mean([m.get("timing", {}).get("total_s", float("nan")) for m in ms])
         labels = "none (no training)" if row == PRIOR_ROW else f"{ratio:g}"
         lines.append(f"| {row} | {labels} | {len(ms)} | " + " | ".join(cells) + f" | {wall:.0f} |")
-    ablations = {n: o for n, o in cfg.experiment.ablations.items()}
+    ablations = cfg.experiment.ablations
     if ablations:
         lines += ["", "Ablations (each l2l with these overrides): "
                   + "; ".join(f"`{n}`: " + ", ".join(f"{k}={v}" for k, v in o.items()) for n, o in ablations.items())]

@@ -25,6 +25,16 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture()
+def by_value(ray_session, request):
+    """Ray workers cannot import test modules: ship the requesting module's classes by value."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(request.module)
+    yield ray_session
+    cloudpickle.unregister_pickle_by_value(request.module)
+
+
 @pytest.fixture(scope="session")
 def refer_fixture_root() -> str:
     """The genuine RefCOCO/RefCOCO+/RefCOCOg records in ../shared (REFER layout, no images)."""

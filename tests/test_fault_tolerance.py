@@ -176,16 +176,6 @@ class DyingBackend:
                 for r in requests]
 
 
-@pytest.fixture()
-def by_value(ray_session):
-    """Ray workers cannot import this test module: ship its classes by value."""
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield ray_session
-    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-
-
 @pytest.mark.ray
 def test_killed_prior_actor_is_restarted_and_no_prior_is_lost_or_duplicated(tmp_path, by_value):
     from l2l_ray.priors.cache import PriorCache

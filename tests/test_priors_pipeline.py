@@ -4,8 +4,6 @@ end to end on a tiny synthetic set with the lexical backend."""
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pytest
 
@@ -149,16 +147,6 @@ def test_actor_pool_fits_the_cluster():
 
 
 # --- on the local Ray cluster ----------------------------------------------------------------------------
-
-@pytest.fixture()
-def by_value(ray_session):
-    """Ray workers cannot import this test module: ship its classes by value."""
-    from ray import cloudpickle
-
-    cloudpickle.register_pickle_by_value(sys.modules[__name__])
-    yield ray_session
-    cloudpickle.unregister_pickle_by_value(sys.modules[__name__])
-
 
 @pytest.mark.ray
 def test_ray_data_actor_pool_fills_cache_then_skips(tmp_path, by_value):

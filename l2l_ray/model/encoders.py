@@ -79,6 +79,18 @@ def _out_features(n: int) -> list[str]:
     return [f"stage{i + 1}" for i in range(n)]
 
 
+def _backbone(backbone_cls, config_cls, image_size: int, hub: str, pretrained: bool, kwargs: dict):
+    """A transformers backbone with every stage as an output: ``from_pretrained(hub)`` or random init from
+    ``config_cls(image_size=..., **kwargs)``."""
+    if pretrained:
+        if not hub:
+            raise ValueError("model.pretrained=true needs a backbone hub id or local path (model.backbone)")
+        n = len(config_cls.from_pretrained(hub).depths)
+        return backbone_cls.from_pretrained(hub, out_features=_out_features(n))
+    n = len(kwargs["depths"])
+    return backbone_cls(config_cls(image_size=image_size, out_features=_out_features(n), **kwargs))
+
+
 class SwinEncoder(nn.Module):
     """A transformers ``SwinBackbone`` run stage by stage (blocks -> fuse -> patch merging)."""
 
@@ -86,15 +98,7 @@ class SwinEncoder(nn.Module):
         super().__init__()
         from transformers import SwinBackbone, SwinConfig
 
-        if pretrained:
-            if not hub:
-                raise ValueError("model.pretrained=true needs a backbone hub id or local path (model.backbone)")
-            n = len(SwinConfig.from_pretrained(hub).depths)
-            self.backbone = SwinBackbone.from_pretrained(hub, out_features=_out_features(n))
-        else:
-            n = len(swin_kwargs["depths"])
-            conf = SwinConfig(image_size=image_size, out_features=_out_features(n), **swin_kwargs)
-            self.backbone = SwinBackbone(conf)
+        self.backbone = _backbone(SwinBackbone, SwinConfig, image_size, hub, pretrained, swin_kwargs)
         self.channels = list(self.backbone.channels)
 
     def forward(self, images: torch.Tensor, fuse: Fuse) -> list[torch.Tensor]:
@@ -124,15 +128,7 @@ class ConvNextEncoder(nn.Module):
         super().__init__()
         from transformers import ConvNextBackbone, ConvNextConfig
 
-        if pretrained:
-            if not hub:
-                raise ValueError("model.pretrained=true needs a backbone hub id or local path (model.backbone)")
-            n = len(ConvNextConfig.from_pretrained(hub).depths)
-            self.backbone = ConvNextBackbone.from_pretrained(hub, out_features=_out_features(n))
-        else:
-            n = len(convnext_kwargs["depths"])
-            conf = ConvNextConfig(image_size=image_size, out_features=_out_features(n), **convnext_kwargs)
-            self.backbone = ConvNextBackbone(conf)
+        self.backbone = _backbone(ConvNextBackbone, ConvNextConfig, image_size, hub, pretrained, convnext_kwargs)
         self.channels = list(self.backbone.channels)
 
     def forward(self, images: torch.Tensor, fuse: Fuse) -> list[torch.Tensor]:

@@ -14,6 +14,7 @@ Re-running a stage with the same run folder resumes from its last checkpoint (or
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
 import time
@@ -134,8 +135,6 @@ def check_train_resources(cfg) -> None:
     """Ray Train's workers plus the run's own actors must fit the cluster, or Train waits for ever. On the local
     cluster this is a RuntimeError naming the knobs; on a joined cluster (RAY_ADDRESS, which may autoscale)
     a warning."""
-    import os
-
     import ray
 
     need = cfg.train.num_workers * cfg.train.cpus_per_worker + actor_cpus(cfg)

@@ -72,18 +72,20 @@ class TeacherPool:
         opts = {"num_cpus": cfg.semi.teacher_cpus, "num_gpus": 1 if cfg.train.use_gpu else 0}
         remote_cls = ray.remote(TeacherActor).options(**opts)
         self.actors = [remote_cls.remote(cfg.to_dict(), cfg.semi.teacher_threads) for _ in range(n)]
-        self.key = None  # (id of the state ref, which) the actors hold
+        self.key = None  # (hex of the state's ObjectRef, which) the actors hold
         self.version = 0
 
     def __len__(self) -> int:
         return len(self.actors)
 
     def set_weights(self, state_ref, which: str) -> None:
-        """Load ``state_ref[which]`` in every actor (skipped when they already hold it)."""
-        key = (state_ref.hex() if isinstance(state_ref, ray.ObjectRef) else id(state_ref), which)
-        if key == self.key:
+        """Load ``state_ref[which]`` in every actor (skipped when they already hold that ObjectRef's weights;
+        a plain dict is always sent)."""
+        is_ref = isinstance(state_ref, ray.ObjectRef)
+        key = (state_ref.hex(), which) if is_ref else None
+        if key is not None and key == self.key:
             return
-        ref = state_ref if isinstance(state_ref, ray.ObjectRef) else ray.put(state_ref)
+        ref = state_ref if is_ref else ray.put(state_ref)
         self.version += 1
         ray.get([a.set_weights.remote([ref], which, self.version) for a in self.actors])
         self.key = key
