@@ -5,7 +5,7 @@
     probs = predict_samples(cfg, res.state_ref, "teacher", pairs, priors)        # uint8 (N, S, S)
     metrics = evaluate(cfg, res.state_ref, bundle, priors)                       # {split: {mIoU, oIoU, ...}}
 
-The supervised baseline: ``l2l_ray.train.supervised.run_supervised(cfg)``; ``l2l eval --run DIR``:
+The supervised baseline runs through ``l2l_ray.driver.run`` (``method=supervised``); ``l2l eval --run DIR``:
 ``l2l_ray.train.commands.evaluate_run``. See docs/segmenter.md.
 """
 
