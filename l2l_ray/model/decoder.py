@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from l2l_ray.model.encoders import ConvGN
+from l2l_ray.model.encoders import ConvBN
 
 
 class TopDownDecoder(nn.Module):
@@ -15,10 +15,10 @@ class TopDownDecoder(nn.Module):
 
     def __init__(self, in_channels: list[int], width: int):
         super().__init__()
-        self.lateral = nn.ModuleList(ConvGN(c, width, 1) for c in in_channels)
-        self.smooth = nn.ModuleList(ConvGN(width, width, 3) for _ in in_channels)
+        self.lateral = nn.ModuleList(ConvBN(c, width, 1) for c in in_channels)
+        self.smooth = nn.ModuleList(ConvBN(width, width, 3) for _ in in_channels)
         self.aux_heads = nn.ModuleList(nn.Conv2d(width, 1, 1) for _ in in_channels[1:])
-        self.head = nn.Sequential(ConvGN(width, width, 3), nn.Conv2d(width, 1, 1))
+        self.head = nn.Sequential(ConvBN(width, width, 3), nn.Conv2d(width, 1, 1))
 
     def forward(self, feats: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         n = len(feats)

@@ -2,7 +2,7 @@
 
 Batch keys (tensors, S = model input side):
 - "image" (B,3,S,S) float, normalised with ImageNet mean/std; "tokens" (B,T) long; "token_mask" (B,T) bool;
-- "prior" (B,1,S,S) float in [0,1] (0.5 = uninformative); "box" (B,4) normalised xyxy (zeros if none);
+- "prior" (B,1,P,P) float in [0,1] at the proposal's own side P (0.5 = uninformative); "box" (B,4) normalised xyxy (zeros if none);
   "prior_valid" (B,) bool; optional "points" (B,K,2) normalised xy and "point_valid" (B,K) bool;
 - for losses: "target" (B,S,S) float {0,1}; "weight" (B,S,S) float >= 0 (0 = ignored pixel); optional
   "sample_weight" (B,) float (e.g. ``semi.unlabeled_weight`` on pseudo-labelled rows).
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 IMAGE_MEAN = (0.485, 0.456, 0.406)
 IMAGE_STD = (0.229, 0.224, 0.225)
@@ -36,19 +35,19 @@ def make_batch(images, tokens, token_mask, prior=None, box=None, prior_valid=Non
     """Arrays or tensors -> the batch dict on ``device``; missing priors become "no prior".
 
     images: uint8 (B,3,S,S) (or float in [0,1]); tokens (B,T) int; token_mask (B,T) bool;
-    prior: uint8 (B,P,P) (255 = 1.0) or float (B,P,P) / (B,1,P,P) in [0,1], any P (resized bilinearly to S);
+    prior: uint8 (B,P,P) (255 = 1.0) or float (B,P,P) / (B,1,P,P) in [0,1], any P (kept at P);
     box (B,4); prior_valid (B,); points (B,K,2); point_valid (B,K); target (B,S,S) {0,1}; weight (B,S,S).
     """
     img = normalize_images(_t(images).to(device))
     b, _, s, _ = img.shape
     batch = {"image": img, "tokens": _t(tokens).to(device).long(), "token_mask": _t(token_mask).to(device).bool()}
     if prior is None:
-        batch["prior"] = torch.full((b, 1, s, s), 0.5, device=device)
+        batch["prior"] = torch.full((b, 1, s // 4, s // 4), 0.5, device=device)
     else:
         p = _t(prior).to(device)
         p = p.float() / 255.0 if p.dtype == torch.uint8 else p.float()
         p = p.view(b, 1, p.shape[-2], p.shape[-1])  # (B, 1, P, P)
-        batch["prior"] = p if p.shape[-1] == s else F.interpolate(p, size=(s, s), mode="bilinear", align_corners=False)
+        batch["prior"] = p  # kept at its own side: the model rasterises it at each scale it uses
     batch["box"] = torch.zeros(b, 4, device=device) if box is None else _t(box).to(device).float()
     batch["prior_valid"] = (torch.zeros(b, dtype=torch.bool, device=device) if prior_valid is None
                             else _t(prior_valid).to(device).bool())

@@ -5,7 +5,7 @@
 
 | preset         | backbone (stages)            | text encoder                 | params | meant for           |
 |----------------|------------------------------|------------------------------|--------|---------------------|
-| ``tiny``       | own conv net, 3 scales       | 2-layer transformer, 96 wide | ~1 M   | CPU, from scratch   |
+| ``tiny``       | 3x3 conv + BN net, 4 scales  | 2-layer transformer, 96 wide | ~1 M   | CPU, from scratch   |
 | ``lavt_swin_b``| Swin-B (window 12), 4 scales | BERT-base                    | ~200 M | GPU, 480 px (LAVT)  |
 | ``convnext_b`` | ConvNeXt-B, 4 scales         | BERT-base                    | ~200 M | GPU, 480 px         |
 
@@ -37,7 +37,6 @@ class Preset:
     text_kwargs: dict = field(default_factory=dict)  # small: width/layers/heads; bert: BertConfig kw
     text_hub: str = ""
     width: int = 64  # fusion attention / decoder channels
-    guidance_hidden: int = 16  # channels of the dense prompt encoder
     bottleneck_layers: int = 2  # joint visual + word transformer layers at the coarsest scale (0 = none)
     max_tokens: int = 16  # tokens per sentence incl. [CLS]/[SEP]
     vocab_size: int = 2000  # trained tokenizer (ignored with a pretrained tokenizer)
@@ -74,9 +73,9 @@ def tiny() -> Preset:
     """~1 M parameters; trains in minutes on 2 CPU cores at 128 px (predicts at 1/4 scale)."""
     return Preset(
         name="tiny", backbone="tiny",
-        backbone_kwargs={"stem": 16, "widths": [32, 64, 128], "depths": [1, 2, 3], "kernel": 5},
+        backbone_kwargs={"stem": 16, "widths": [32, 64, 128, 128], "depths": [1, 1, 1, 1]},
         text="small", text_kwargs={"width": 96, "layers": 2, "heads": 4},
-        width=32, guidance_hidden=16, max_tokens=16, vocab_size=2000, image_size=128)
+        width=32, max_tokens=16, vocab_size=2000, image_size=128)
 
 
 _BERT_BASE = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "intermediate_size": 3072}
@@ -91,7 +90,7 @@ def lavt_swin_b() -> Preset:
                          "window_size": 12, "drop_path_rate": 0.3},
         backbone_hub="microsoft/swin-base-patch4-window12-384-in22k",
         text="bert", text_kwargs=dict(_BERT_BASE), text_hub="bert-base-uncased",
-        width=256, guidance_hidden=32, bottleneck_layers=1, max_tokens=20, vocab_size=16000, image_size=480)
+        width=256, bottleneck_layers=1, max_tokens=20, vocab_size=16000, image_size=480)
 
 
 @register("convnext_b")
@@ -102,7 +101,7 @@ def convnext_b() -> Preset:
         backbone_kwargs={"hidden_sizes": [128, 256, 512, 1024], "depths": [3, 3, 27, 3], "drop_path_rate": 0.3},
         backbone_hub="facebook/convnext-base-224-22k",
         text="bert", text_kwargs=dict(_BERT_BASE), text_hub="bert-base-uncased",
-        width=256, guidance_hidden=32, bottleneck_layers=1, max_tokens=20, vocab_size=16000, image_size=480)
+        width=256, bottleneck_layers=1, max_tokens=20, vocab_size=16000, image_size=480)
 
 
 def _scaled_backbone(p: Preset, width: int, depth: int) -> dict:
@@ -111,7 +110,7 @@ def _scaled_backbone(p: Preset, width: int, depth: int) -> dict:
     if depth:
         kw["depths"] = [min(d, depth) for d in kw["depths"]]
     if width and p.backbone == "tiny":
-        kw["widths"] = [width * 2**i for i in range(n)]
+        kw["widths"] = [width * 2 ** min(i, 2) for i in range(n)]
         kw["stem"] = max(8, width // 2)
     elif width and p.backbone == "swin":
         kw["embed_dim"] = width

@@ -20,22 +20,25 @@ from torch import nn
 
 from l2l_ray.model.decoder import TopDownDecoder
 from l2l_ray.model.encoders import build_encoder
-from l2l_ray.model.guidance import CrossModalBlock, FusionBlock, PromptEncoder
+from l2l_ray.model.guidance import CrossModalBlock, FusionBlock, PromptEncoder, resize_map
 from l2l_ray.model.presets import resolve_preset
 from l2l_ray.model.text import TextTokenizer, build_text_encoder
 
 
 def bce_dice_per_sample(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """Weighted BCE + soft dice per sample: logits (B,1,H,W) (resized to target), target/weight (B,S,S) -> (B,).
+    """Weighted BCE + soft dice per sample: logits (B,1,h,w), target/weight (B,H,W) -> (B,).
 
-    Pixels of weight 0 are ignored; a sample whose weights are all 0 contributes 0.
+    The loss is taken at the logits' own resolution: a coarser head gets the target and weight area-averaged
+    to its grid (soft targets; H, W multiples of h, w), so no logits are upsampled for a loss. Pixels of weight
+    0 are ignored; a sample whose weights are all 0 contributes 0.
     """
-    logits = logits.float()
-    if logits.shape[-2:] != target.shape[-2:]:
-        logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
-    z = logits[:, 0]  # (B, S, S)
+    z = logits.float()[:, 0]  # (B, h, w)
+    if z.shape[-2:] != target.shape[-2:]:
+        tw = resize_map((target * weight)[:, None], z.shape[-2:])[:, 0]
+        weight = resize_map(weight[:, None], z.shape[-2:])[:, 0]
+        target = tw / weight.clamp(min=1e-6)
     wsum = weight.flatten(1).sum(1)  # (B,)
-    bce = F.binary_cross_entropy_with_logits(z, target, reduction="none")  # (B, S, S)
+    bce = F.binary_cross_entropy_with_logits(z, target, reduction="none")  # (B, h, w)
     bce = (bce * weight).flatten(1).sum(1) / wsum.clamp(min=1e-6)
     p = torch.sigmoid(z)
     inter = (p * target * weight).flatten(1).sum(1)
@@ -71,18 +74,19 @@ class Segmenter(nn.Module):
         d = text.dim
         n = len(encoder.channels)
         heads = max(1, spec.width // 64)
-        prompt = PromptEncoder(d, spec.guidance_hidden, n, spec.width) if cfg.model.guidance else None
+        prompt = PromptEncoder(d, n, spec.width) if cfg.model.guidance else None
         cond_dim = 2 * d if prompt is not None else d
         fusions = nn.ModuleList(FusionBlock(c, d, cond_dim, spec.width, heads) for c in encoder.channels)
         decoder = TopDownDecoder(encoder.channels, spec.width)
         bottleneck = (CrossModalBlock(encoder.channels[-1], d, spec.bottleneck_layers, max(1, d // 32))
                       if spec.bottleneck_layers else None)
-        return cls(encoder, text, decoder, fusions, prompt, cfg.model.aux_weight, bottleneck,
-                   cfg.model.prior_residual)
+        model = cls(encoder, text, decoder, fusions, prompt, cfg.model.aux_weight, bottleneck,
+                    cfg.model.prior_residual)
+        return model.to(memory_format=torch.channels_last)  # conv weights NHWC: oneDNN's fast layout on CPU
 
     def forward(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | list[torch.Tensor]]:
         """batch (see ``l2l_ray.model.inputs``) -> {"logits": (B,1,S,S), "aux": [(B,1,H_i,W_i)] coarser scales}."""
-        img = batch["image"]
+        img = batch["image"].contiguous(memory_format=torch.channels_last)  # (B,3,S,S), NHWC in memory
         s = img.shape[-1]
         words, sentence = self.text(batch["tokens"], batch["token_mask"])  # (B,T,D), (B,D)
         tokens, token_mask, cond, g = words, batch["token_mask"], sentence, None
@@ -109,7 +113,8 @@ class Segmenter(nn.Module):
         logits = F.interpolate(logits, size=(s, s), mode="bilinear", align_corners=False)  # (B,1,S,S)
         if self.prior_gain is not None:  # residual on the prior: logit(p) where there is one, 0 elsewhere
             valid = batch["prior_valid"].to(logits.dtype)[:, None, None, None]
-            prior_logit = torch.logit(batch["prior"].float().clamp(0.05, 0.95)).to(logits.dtype)  # (B,1,S,S)
+            prior = resize_map(batch["prior"].float(), (s, s))  # (B,1,S,S)
+            prior_logit = torch.logit(prior.clamp(0.05, 0.95)).to(logits.dtype)
             logits = logits + self.prior_gain.to(logits.dtype) * prior_logit * valid
         return {"logits": logits, "aux": aux}
 
