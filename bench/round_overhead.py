@@ -7,7 +7,8 @@ Both paths run the driver's own ``run_round`` on the same data, priors, warm-up 
 
 - ``ray``: the driver's layout: SelectorActors (a ``SelectorGroup``), teacher inference on a
   ``TeacherPool`` of ``--teacher-actors`` actors (0: in the driver, the 2-core default), the student on
-  Ray Train (one TorchTrainer worker), pseudo-labels and weights as object refs.
+  Ray Train (the driver's long-lived ``Learner`` run, started before the round as the warm-up starts it in the
+  main job; ``--keep-learner 0``: a TorchTrainer for the round alone), pseudo-labels and weights as refs.
 - ``one process``: the same round's work without actors or Ray Train: an in-process ``Selector`` and
   in-process training (``train.num_workers=0``). (``run_round`` still ``ray.put``s the pseudo-label
   batch once; a local put of a few MB.)
@@ -42,11 +43,23 @@ def _config(args, root: Path):
         "run.resume=false"])
 
 
-def _context(cfg, run_dir: Path, data, full, priors, heldout, selector, teacher):
+def _context(cfg, run_dir: Path, data, full, priors, heldout, selector, teacher, learner):
     from l2l_ray.driver import RoundContext
 
     pairs = [(smp, s) for smp in data.unlabeled for s in smp.sentences]
-    return RoundContext(cfg, run_dir, data, full, priors, priors, pairs, heldout, selector, teacher)
+    return RoundContext(cfg, run_dir, data, full, priors, priors, pairs, heldout, selector, teacher, learner)
+
+
+def _started_learner(cfg, run_dir: Path, data, priors):
+    """The driver's long-lived Ray Train run, started as the main job starts it: by its first stage (here one
+    step, timed as start-up: once per run, not per round)."""
+    from l2l_ray.train import fit_segmenter
+    from l2l_ray.train.learner import Learner
+
+    learner = Learner(cfg, run_dir)
+    fit_segmenter(apply_overrides(cfg, {"train.steps_per_epoch": 1}), run_dir, "start", data, priors, 1,
+                  learner=learner)
+    return learner
 
 
 def _one_round(cfg, run_dir: Path, warm_dir: Path, data, full, priors, heldout, state, make_actors) -> dict:
@@ -55,15 +68,18 @@ def _one_round(cfg, run_dir: Path, warm_dir: Path, data, full, priors, heldout, 
     run_dir.mkdir(parents=True, exist_ok=True)
     shutil.copy(warm_dir / "tokenizer.json", run_dir / "tokenizer.json")  # same tokenizer, same model
     tic = time.perf_counter()
-    selector, teacher = make_actors()
+    selector, teacher, learner = make_actors(run_dir)
     start_s = time.perf_counter() - tic
     tic = time.perf_counter()
-    new_state, out = run_round(1, _context(cfg, run_dir, data, full, priors, heldout, selector, teacher), state)
+    ctx = _context(cfg, run_dir, data, full, priors, heldout, selector, teacher, learner)
+    new_state, out = run_round(1, ctx, state)
     total = time.perf_counter() - tic
     worker_s = sum(h["time_s"] for h in new_state.history[-cfg.semi.epochs_per_round:])
     for group in (selector, teacher):
         if hasattr(group, "shutdown"):
             group.shutdown()
+    if learner is not None:
+        learner.close()
     return {**out["timing"], "round_s": total, "actor_start_s": start_s, "worker_epoch_s": worker_s,
             "val_mIoU": out["val"]["mIoU"]}
 
@@ -79,6 +95,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1, help="torch threads, the same on both paths")
     ap.add_argument("--teacher-actors", type=int, default=1,
                     help="TeacherPool actors on the Ray path (0: teacher in the driver, the 2-core default)")
+    ap.add_argument("--keep-learner", type=int, default=1,
+                    help="1: the student trains on the driver's long-lived Train run (started before the round); "
+                         "0: a TorchTrainer for the round's stage alone (start-up inside the round)")
     ap.add_argument("--root", default="", help="work folder (default: a temporary one, removed at the end)")
     args = ap.parse_args()
 
@@ -106,10 +125,11 @@ def main() -> None:
                                         "semi.teacher_actors": args.teacher_actors})
         print(f"round on Ray (SelectorActors, {args.teacher_actors} teacher actor(s), Ray Train) ...", flush=True)
         on_ray = _one_round(ray_cfg, root / "ray", warm_dir, data, full, priors, heldout, state,
-                            lambda: (SelectorGroup(ray_cfg), _teacher_pool(ray_cfg)))
+                            lambda d: (SelectorGroup(ray_cfg), _teacher_pool(ray_cfg),
+                                       _started_learner(ray_cfg, d, data, priors) if args.keep_learner else None))
         print("the same round in one process ...", flush=True)
         alone = _one_round(local, root / "local", warm_dir, data, full, priors, heldout, state,
-                           lambda: (Selector(local.semi, local.data.image_size, local.seed * 1000), None))
+                           lambda d: (Selector(local.semi, local.data.image_size, local.seed * 1000), None, None))
     finally:
         if not args.root:
             shutil.rmtree(root, ignore_errors=True)
@@ -124,7 +144,7 @@ def main() -> None:
     print(f"{'  of which worker epoch time':32s} {on_ray['worker_epoch_s']:8.2f} {alone['worker_epoch_s']:12.2f}")
     print(f"{'Ray Train overhead (start etc.)':32s} {trainer_overhead:8.2f} "
           f"{alone['train_s'] - alone['worker_epoch_s']:12.2f}")
-    print(f"{'actor start (per run)':32s} {on_ray['actor_start_s']:8.2f} {alone['actor_start_s']:12.2f}")
+    print(f"{'actor + learner start (per run)':32s} {on_ray['actor_start_s']:8.2f} {alone['actor_start_s']:12.2f}")
     extra = on_ray["round_s"] - alone["round_s"]
     print(f"Ray's share of the round: {extra:.2f} s of {on_ray['round_s']:.2f} s "
           f"({100 * extra / on_ray['round_s']:.1f}%); ratio ray / one process = "

@@ -125,6 +125,8 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     num_workers: int = 1  # Ray Train workers (0 = in-process, for debugging)
+    keep_learner: bool = True  # the driver trains every stage on one long-lived Ray Train run (no start-up per
+    #                            stage; l2l_ray/train/learner.py); false = a TorchTrainer per stage
     cpus_per_worker: float = 1.0
     use_gpu: bool = False
     amp: bool = True  # bf16 autocast on GPU only

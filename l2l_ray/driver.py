@@ -41,6 +41,7 @@ class RoundContext:
     heldout: list  # held-out labeled (LabeledSample, Sentence) pairs: the selector's practice set
     selector: Any = None  # SelectorGroup (l2l with RL) or None
     teacher: Any = None  # TeacherPool (semi.teacher_actors > 0) or None: teacher inference in this process
+    learner: Any = None  # Learner: the long-lived Ray Train run every stage trains on (None: in-process / per stage)
     carry: dict = field(default_factory=dict)  # values handed to the next round (progress, held-out IoU)
 
 
@@ -82,7 +83,8 @@ def run_round(r: int, ctx: RoundContext, state: Any) -> tuple[Any, dict[str, Any
 
     tic = time.perf_counter()
     new_state = fit_segmenter(cfg, ctx.run_dir, f"round_{r}", ctx.data, ctx.guide,  # 4. student update
-                              cfg.semi.epochs_per_round, init_state=state.state_ref, pseudo=ray.put(pseudo))
+                              cfg.semi.epochs_per_round, init_state=state.state_ref, pseudo=ray.put(pseudo),
+                              learner=ctx.learner)
     t["train_s"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
@@ -106,8 +108,8 @@ def _candidates(ctx: RoundContext, state, pairs: list, build_candidates):
     from l2l_ray.train import predict_samples
 
     cfg = ctx.cfg
-    t1 = predict_samples(cfg, state.state_ref, "teacher", pairs, ctx.guide, pool=ctx.teacher)
-    t2 = predict_samples(cfg, state.state_ref, "teacher", pairs, ctx.guide, flip=True, pool=ctx.teacher)
+    t1, t2 = predict_samples(cfg, state.state_ref, "teacher", pairs, ctx.guide, pool=ctx.teacher,
+                             two_views=True)  # plain + mirrored view in one batched pass
     prior_list = [_prior_for(ctx.priors, s.sent_id, smp.ref_id) for smp, s in pairs]
     return build_candidates(t1, t2, prior_list, cfg.data.image_size,
                             sent_ids=[s.sent_id for _, s in pairs], ref_ids=[smp.ref_id for smp, _ in pairs])
@@ -198,18 +200,19 @@ def run(cfg: Config, on_round: RoundCallback | None = None) -> dict[str, Any]:
 
     tic = time.perf_counter()
     stage = "warmup" if cfg.method != "supervised" else "supervised"
-    state = fit_segmenter(cfg, run_dir, stage, data, guide, supervised_epochs(cfg))
-    timing["warmup_s"] = time.perf_counter() - tic
     rounds: list[dict] = []
     val0 = selector = teacher = None
+    learner = _learner(cfg, run_dir)
     try:
+        state = fit_segmenter(cfg, run_dir, stage, data, guide, supervised_epochs(cfg), learner=learner)
+        timing["warmup_s"] = time.perf_counter() - tic
         if cfg.method != "supervised":
             val0 = evaluate(cfg, state.state_ref, full, guide, splits=["val"])["val"]
             on_round(0, {"round": 0, "val": val0})
             selector = _selector(cfg, run_dir) if use_rl else None
             teacher = _teacher_pool(cfg)
             state, rounds = _rounds(cfg, run_dir, full, data, priors, guide, heldout, state, selector, teacher,
-                                    on_round)
+                                    learner, on_round)
 
         tic = time.perf_counter()
         splits = evaluate(cfg, state.state_ref, full, guide)  # every split of the scheme
@@ -221,6 +224,8 @@ def run(cfg: Config, on_round: RoundCallback | None = None) -> dict[str, Any]:
         for group in (selector, teacher):  # free the actors' CPUs for whatever runs next in this process
             if group is not None:
                 group.shutdown()
+        if learner is not None:
+            learner.close()
     timing["total_s"] = time.perf_counter() - t0
     metrics = {"method": cfg.method, "label_ratio": cfg.data.label_ratio, "seed": cfg.seed, "splits": splits,
                "rounds": rounds, "timing": {k: round(v, 2) for k, v in timing.items()},
@@ -242,6 +247,16 @@ def _selector(cfg: Config, run_dir: Path):
     return selector
 
 
+def _learner(cfg: Config, run_dir: Path):
+    """The long-lived Ray Train run every stage trains on (``train.keep_learner``), or None (in-process training
+    with ``train.num_workers=0``, or a TorchTrainer per stage). It starts on the first stage that needs it."""
+    if cfg.train.num_workers <= 0 or not cfg.train.keep_learner:
+        return None
+    from l2l_ray.train.learner import Learner
+
+    return Learner(cfg, run_dir)
+
+
 def _teacher_pool(cfg: Config):
     if cfg.semi.teacher_actors <= 0:
         return None
@@ -250,14 +265,14 @@ def _teacher_pool(cfg: Config):
     return TeacherPool(cfg)
 
 
-def _rounds(cfg, run_dir, full, data, priors, guide, heldout, state, selector, teacher, on_round):
+def _rounds(cfg, run_dir, full, data, priors, guide, heldout, state, selector, teacher, learner, on_round):
     from l2l_ray.train import fit_segmenter
     from l2l_ray.train.fit import CHECKPOINTS, DONE_FILE
 
     pairs = [(smp, s) for smp in data.unlabeled for s in smp.sentences]
     fresh = {"rounds": [], "carry": {}}
     saved = read_json(run_dir / "rounds.json", default=fresh) if cfg.run.resume else fresh  # resume=false: redo all
-    ctx = RoundContext(cfg, run_dir, data, full, priors, guide, pairs, heldout, selector, teacher,
+    ctx = RoundContext(cfg, run_dir, data, full, priors, guide, pairs, heldout, selector, teacher, learner,
                        _load_carry(saved))
     rounds = list(saved["rounds"])[: cfg.semi.rounds]  # a rerun with fewer rounds stops at its own last one
     if rounds:  # finished before a restart: continue from the last finished round's checkpoint
@@ -266,7 +281,8 @@ def _rounds(cfg, run_dir, full, data, priors, guide, heldout, state, selector, t
             raise FileNotFoundError(f"{run_dir / 'rounds.json'} lists round {len(rounds)} as finished but "
                                     f"{stage_dir / DONE_FILE} is missing; delete rounds.json and selector.pt "
                                     "there to redo the rounds, or use a new run.dir")
-        state = fit_segmenter(cfg, run_dir, f"round_{len(rounds)}", data, guide, cfg.semi.epochs_per_round)
+        state = fit_segmenter(cfg, run_dir, f"round_{len(rounds)}", data, guide, cfg.semi.epochs_per_round,
+                              learner=learner)
     for r in range(len(rounds) + 1, cfg.semi.rounds + 1):
         state, m = run_round(r, ctx, state)
         rounds.append(m)
@@ -306,8 +322,7 @@ def _save_gallery(cfg, run_dir, full, priors, guide, state, selector=None) -> No
     s = cfg.data.image_size
     pairs = [(e, _Sent(e.sent_id, e.sentence)) for e in val]
     pred = predict_samples(cfg, state.state_ref, "student", pairs, guide)
-    teacher = predict_samples(cfg, state.state_ref, "teacher", pairs, guide)
-    flip = predict_samples(cfg, state.state_ref, "teacher", pairs, guide, flip=True)
+    teacher, flip = predict_samples(cfg, state.state_ref, "teacher", pairs, guide, two_views=True)
     plist = [_prior_for(priors, e.sent_id, e.ref_id) for e in val]
     cand = build_candidates(teacher, flip, plist, s, sent_ids=[e.sent_id for e in val], ref_ids=[e.ref_id for e in val])
     use_rl = cfg.method == "l2l" and cfg.semi.use_rl

@@ -64,3 +64,23 @@ def summarize(inters: np.ndarray, unions: np.ndarray) -> dict[str, float]:
         out[f"prec@{t}"] = float((ious >= t).mean())
     out["n"] = int(n)
     return out
+
+
+SIZE_TERCILES = ("small", "medium", "large")
+
+
+def size_terciles(inters: np.ndarray, unions: np.ndarray, areas: np.ndarray) -> dict[str, float]:
+    """mIoU per referent-size tercile of a split: ``areas`` (N,) = the true mask's share of the image.
+
+    Returns {"mIoU_small", "mIoU_medium", "mIoU_large", "area_tercile_1", "area_tercile_2"} (the two area cuts);
+    a tercile is the thirds of the split's pairs sorted by area. Empty input gives {}.
+    """
+    if len(areas) == 0:
+        return {}
+    cuts = np.quantile(areas, [1 / 3, 2 / 3])
+    which = np.searchsorted(cuts, areas, side="right")  # 0 small, 1 medium, 2 large
+    ious = np.where(unions > 0, inters / np.maximum(unions, 1), 1.0)
+    out = {f"mIoU_{name}": float(ious[which == k].mean()) if (which == k).any() else 0.0
+           for k, name in enumerate(SIZE_TERCILES)}
+    out.update(area_tercile_1=float(cuts[0]), area_tercile_2=float(cuts[1]))
+    return out

@@ -204,6 +204,9 @@ def test_teacher_pool_matches_in_process_inference(tiny_root, tmp_path):
         assert got.shape == (11, 64, 64) and got.dtype == np.uint8
         assert np.array_equal(got, want) and np.array_equal(got_flip, want_flip)
         assert not np.array_equal(got, got_flip)
+        both = predict_samples(cfg, state, "teacher", pairs, None, pool=pool, two_views=True)
+        assert both.shape == (2, 11, 64, 64)
+        assert np.abs(both[0].astype(int) - want).max() <= 1 and np.abs(both[1].astype(int) - want_flip).max() <= 1
     finally:
         pool.shutdown()
 

@@ -102,11 +102,11 @@ def _registered_epoch(snapshot: Path) -> int | None:
         return None
 
 
-def _kill_train_worker_mid_epoch(stage: Path, out: dict, timeout: float = 150.0) -> None:
+def _kill_train_worker_mid_epoch(stage: Path, train_run: Path, out: dict, timeout: float = 150.0) -> None:
     """SIGKILL this test's Ray Train worker (a descendant of pytest) inside an epoch that comes after the last
     checkpoint Ray Train has registered. (The controller registers a reported checkpoint when it next polls the
     workers, every 2 s: a worker lost before that restarts from the previous one.)"""
-    log, snapshot = stage / "progress.log", stage / "checkpoint_manager_snapshot.json"
+    log, snapshot = stage / "progress.log", train_run / "checkpoint_manager_snapshot.json"
     deadline = time.time() + timeout
     while time.time() < deadline:
         last, lines = _registered_epoch(snapshot), _read(log).splitlines()
@@ -123,22 +123,35 @@ def _kill_train_worker_mid_epoch(stage: Path, out: dict, timeout: float = 150.0)
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_killed_train_worker_resumes_from_the_last_epoch_checkpoint(ray_session, data_root, tmp_path):
+@pytest.mark.parametrize("keep_learner", [True, False], ids=["long-lived learner", "trainer per stage"])
+def test_killed_train_worker_resumes_from_the_last_epoch_checkpoint(ray_session, data_root, tmp_path, keep_learner):
+    """Both ways of running a stage on Ray Train: the driver's long-lived learner (its second stage is killed, so
+    the restarted workers must pick the open stage and its own checkpoint) and a TorchTrainer per stage."""
     from l2l_ray.data import load_dataset
     from l2l_ray.train import fit_segmenter
+    from l2l_ray.train.learner import Learner
 
     cfg = load_config(None, [f"data.root={data_root}", f"run.dir={tmp_path}", *TINY, f"train.steps_per_epoch={STEPS}",
                              "train.batch_size=8", "train.num_workers=1", "train.cpus_per_worker=0.5",
                              "train.max_failures=1"])
     data = load_dataset(cfg, tmp_path)
     stage = tmp_path / "checkpoints" / "warmup"
+    learner = Learner(cfg, tmp_path) if keep_learner else None
     got: dict = {}
-    killer = threading.Thread(target=_kill_train_worker_mid_epoch, args=(stage, got))
-    killer.start()
     try:
-        res = fit_segmenter(cfg, tmp_path, "warmup", data, None, EPOCHS)
+        if learner is not None:  # a first stage on the same Train run: its checkpoints must not be restored later
+            first = fit_segmenter(cfg, tmp_path, "first", data, None, 1, learner=learner)
+            assert Path(first.checkpoint_dir) == tmp_path / "checkpoints" / "first" / "final"
+        train_run = tmp_path / "checkpoints" / ("learner" if keep_learner else "warmup")
+        killer = threading.Thread(target=_kill_train_worker_mid_epoch, args=(stage, train_run, got))
+        killer.start()
+        try:
+            res = fit_segmenter(cfg, tmp_path, "warmup", data, None, EPOCHS, learner=learner)
+        finally:
+            killer.join()
     finally:
-        killer.join()
+        if learner is not None:
+            learner.close()
     assert "killed" in got, f"no single Train worker to kill mid-epoch (found {got.get('workers')})"
     assert not _alive(got["killed"])
     text, last, killed_in = (stage / "progress.log").read_text(), got["registered"], got["epoch"]
@@ -149,7 +162,7 @@ def test_killed_train_worker_resumes_from_the_last_epoch_checkpoint(ray_session,
     assert text.count(f"epoch {killed_in}/{EPOCHS} step 1/") == 2  # ... and the interrupted one started again
     assert [h["epoch"] for h in res.history] == list(range(EPOCHS))  # nothing lost, nothing duplicated
     assert all(h["steps"] == STEPS and h["samples"] == STEPS * 8 for h in res.history)
-    assert Path(res.checkpoint_dir).name == f"epoch_{EPOCHS - 1:04d}"
+    assert Path(res.checkpoint_dir).name == ("final" if keep_learner else f"epoch_{EPOCHS - 1:04d}")
     assert json.loads((stage / "done.json").read_text())["epochs"] == EPOCHS
 
 

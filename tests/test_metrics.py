@@ -69,3 +69,16 @@ def test_accumulator_batch_equals_pairwise():
     assert s["mIoU"] == pytest.approx((0.5 + 0.0 + 1.0) / 3)
     assert s["oIoU"] == pytest.approx(8 / 80)
     assert s["prec@0.5"] == pytest.approx(2 / 3) and s["prec@0.6"] == pytest.approx(1 / 3)
+
+
+def test_size_terciles_split_pairs_by_true_area():
+    from l2l_ray.metrics import size_terciles
+
+    areas = np.array([0.01, 0.02, 0.03, 0.10, 0.11, 0.12, 0.40, 0.50, 0.60])
+    inters = np.array([0, 1, 2, 3, 3, 3, 4, 4, 4])
+    unions = np.full(9, 4)
+    got = size_terciles(inters, unions, areas)
+    assert got["mIoU_small"] == pytest.approx((0 + 0.25 + 0.5) / 3)
+    assert got["mIoU_medium"] == pytest.approx(0.75) and got["mIoU_large"] == pytest.approx(1.0)
+    assert got["area_tercile_1"] == pytest.approx(np.quantile(areas, 1 / 3))
+    assert size_terciles(np.zeros(0), np.zeros(0), np.zeros(0)) == {}

@@ -7,7 +7,9 @@
     res.history     # one dict per epoch: epoch, loss, main, aux, steps, samples, time_s, samples_per_s, lr
 
 Folders: ``<run_dir>/tokenizer.json`` (shared by all stages), ``<run_dir>/checkpoints/<stage>/epoch_NNNN/state.pt``
-(Ray Train's storage: ``RunConfig(name=stage, storage_path=<run_dir>/checkpoints)``), ``.../<stage>/progress.log``,
+(Ray Train's storage: ``RunConfig(name=stage, storage_path=<run_dir>/checkpoints)``), or with a long-lived
+``Learner`` (the driver's way) ``<run_dir>/checkpoints/learner/<stage>-epoch_NNNN/`` while it trains and
+``.../<stage>/final/state.pt`` once it finished, ``.../<stage>/progress.log``,
 ``.../<stage>/done.json`` once the stage finished, ``<run_dir>/checkpoints/latest.json`` (the last finished stage).
 Re-running a stage with the same run folder resumes from its last checkpoint (or returns at once if done).
 """
@@ -33,6 +35,7 @@ from l2l_ray.train.tables import build_train_tables
 CHECKPOINTS = "checkpoints"
 LATEST_FILE = "latest.json"
 DONE_FILE = "done.json"
+FINAL_DIR = "final"  # <stage_dir>/final/state.pt: a finished stage's weights when it ran on the long-lived learner
 
 
 @dataclass
@@ -152,6 +155,23 @@ def check_train_resources(cfg) -> None:
     raise RuntimeError(msg)
 
 
+def _fit_on_learner(learner, spec: StageSpec, tables, init_state, pseudo) -> Path:
+    """The stage on the run's long-lived Train run; its last checkpoint is copied to ``<stage_dir>/final`` (the
+    Train run keeps only its 2 newest checkpoints across all stages)."""
+    import ray
+
+    init_ref = init_state if init_state is None or _is_ref(init_state) else ray.put(init_state)
+    pseudo_ref = pseudo if pseudo is None or _is_ref(pseudo) else ray.put(pseudo)
+    with ProgressEcho(spec.stage_dir):
+        ckpt = learner.fit(spec, ray.put(tables), init_ref, pseudo_ref)
+    final = Path(spec.stage_dir) / FINAL_DIR
+    final.mkdir(parents=True, exist_ok=True)
+    tmp = final / f".{STATE_FILE}.tmp"
+    shutil.copyfile(ckpt / STATE_FILE, tmp)
+    os.replace(tmp, final / STATE_FILE)
+    return final
+
+
 def _fit_on_ray(cfg, spec: StageSpec, tables, init_state, pseudo) -> Path:
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -198,7 +218,7 @@ def _done_checkpoint(stage_dir: Path, epochs: int) -> Path | None:
 
 
 def fit_segmenter(cfg, run_dir, stage: str, data, priors: dict | None, epochs: int, init_state=None,
-                  pseudo=None) -> FitResult:
+                  pseudo=None, learner=None) -> FitResult:
     """Train one stage and return its student/teacher weights (see the module docstring).
 
     data: ``DatasetBundle`` (labeled rows are always trained on); priors: {sent_id: Prior} or None (no prior);
@@ -206,6 +226,8 @@ def fit_segmenter(cfg, run_dir, stage: str, data, priors: dict | None, epochs: i
     pretrained backbone; pseudo: ObjectRef (or object) of a ``PseudoLabelBatch`` at model resolution over
     unlabeled sentences: then each step is half labeled, half pseudo-labelled rows (per-pixel weights, strong
     augmentation, loss weight ``semi.unlabeled_weight``). The EMA teacher (rate ``semi.ema``) moves every step.
+    learner: a ``l2l_ray.train.learner.Learner`` to train on (one Train run for every stage, the driver's way);
+    None starts a TorchTrainer for this stage alone.
     """
     t0 = time.perf_counter()
     run_dir = Path(run_dir).resolve()
@@ -234,7 +256,8 @@ def fit_segmenter(cfg, run_dir, stage: str, data, priors: dict | None, epochs: i
             from l2l_ray.ray_utils import ensure_ray
 
             ensure_ray(cfg)
-            ckpt = _fit_on_ray(cfg, spec, tables, init_state, pseudo)
+            ckpt = _fit_on_learner(learner, spec, tables, init_state, pseudo) if learner is not None else \
+                _fit_on_ray(cfg, spec, tables, init_state, pseudo)
         atomic_write_json(stage_dir / DONE_FILE, {"epochs": epochs, "checkpoint": str(ckpt)})
     state = torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=False)
     atomic_write_json(run_dir / CHECKPOINTS / LATEST_FILE,

@@ -53,13 +53,14 @@ class TeacherActor:
         self.version = version
         return version
 
-    def predict(self, images: np.ndarray, rows: RowTable, flip: bool, version: int) -> np.ndarray:
+    def predict(self, images: np.ndarray, rows: RowTable, flip: bool, version: int,
+                mirrored: RowTable | None = None) -> np.ndarray:
         from l2l_ray.train.infer import predict_rows
 
         if self.model is None or version != self.version:
             raise RuntimeError(f"TeacherActor holds weights version {self.version}, asked for {version}: "
                                "call TeacherPool.set_weights first")
-        return predict_rows(self.cfg, self.model, images, rows, None, flip)
+        return predict_rows(self.cfg, self.model, images, rows, None, flip, mirrored)
 
 
 class TeacherPool:
@@ -90,16 +91,21 @@ class TeacherPool:
         ray.get([a.set_weights.remote([ref], which, self.version) for a in self.actors])
         self.key = key
 
-    def predict(self, state_ref, which: str, images: np.ndarray, rows: RowTable, flip: bool = False) -> np.ndarray:
-        """uint8 (N, S, S) probabilities * 255 for every row, in order."""
+    def predict(self, state_ref, which: str, images: np.ndarray, rows: RowTable, flip: bool = False,
+                mirrored: RowTable | None = None) -> np.ndarray:
+        """uint8 (N, S, S) probabilities * 255 for every row, in order ((2, N, S, S) with ``mirrored``)."""
         self.set_weights(state_ref, which)
         n = len(rows)
         bounds = np.linspace(0, n, min(len(self.actors), max(n, 1)) + 1).astype(int)
         images_ref = ray.put(images)
-        refs = [a.predict.remote(images_ref, slice_rows(rows, lo, hi), flip, self.version)
+        refs = [a.predict.remote(images_ref, slice_rows(rows, lo, hi), flip, self.version,
+                                 None if mirrored is None else slice_rows(mirrored, lo, hi))
                 for a, lo, hi in zip(self.actors, bounds[:-1], bounds[1:], strict=False)]
         parts = ray.get(refs)
-        return np.concatenate(parts) if parts else np.zeros((0, images.shape[-1], images.shape[-1]), np.uint8)
+        s = images.shape[-1]
+        if not parts:
+            return np.zeros((0, s, s) if mirrored is None else (2, 0, s, s), np.uint8)
+        return np.concatenate(parts, axis=0 if mirrored is None else 1)
 
     def shutdown(self) -> None:
         for a in self.actors:

@@ -1,0 +1,166 @@
+"""One long-lived Ray Train run that trains every stage of a run (warm-up, round 1, round 2, ...).
+
+    learner = Learner(cfg, run_dir)                      # starts nothing yet
+    ckpt = learner.fit(spec, tables_ref, init_ref, pseudo_ref)   # the first call starts TorchTrainer.fit()
+    learner.close()                                      # the workers return, the Train run ends
+
+Ray Train starts its controller and worker group once per run instead of once per stage (about 13 s per
+stage on 2 cores, most of a round once the student is fast). Stages reach the workers through a
+``StageBoard`` actor: the driver posts a stage (its ``StageSpec`` and the object refs of its tables, initial
+weights and pseudo-labels), every worker takes it and runs ``train_stage`` on it, and rank 0 reports the stage's
+end. The weights and data never pass through the board by value: only refs.
+
+Fault tolerance stays Ray Train's: a killed worker makes Train restart the worker group (``FailureConfig``);
+the new workers ask the board for the stage still open and resume from the run's last checkpoint when it
+belongs to that stage (else they start the stage from its initial weights). A killed driver takes the Train run
+with it; the same command again resumes, since Train restores a run by its name (``RunConfig(name="learner")``)
+and finished stages are recorded per stage (``done.json`` + ``final/state.pt``, written by ``fit_segmenter``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import ray
+
+from l2l_ray.train.loop import StageSpec
+
+LEARNER_DIR = "learner"  # <run_dir>/checkpoints/learner: the long-lived Train run's own checkpoints
+STOP = "stop"
+_POLL_S = 0.1
+
+
+class StageBoard:
+    """Ray actor: the open stage (one at a time) and the stages finished so far."""
+
+    def __init__(self):
+        self.seq = 0
+        self.open: dict | None = None
+        self.finished: dict[int, str] = {}
+        self.stopped = False
+
+    def post(self, command: dict) -> int:
+        """Open a stage: ``command`` = {"spec", "tables": [ref], "init": [ref] | [], "pseudo": [ref] | []}."""
+        self.seq += 1
+        self.open = {**command, "seq": self.seq}
+        return self.seq
+
+    def take(self, after: int) -> dict | str | None:
+        """The open stage if it is newer than ``after`` (a restarted worker passes -1), STOP, or None (wait)."""
+        if self.stopped:
+            return STOP
+        if self.open is not None and self.open["seq"] > after and self.open["seq"] not in self.finished:
+            return self.open
+        return None
+
+    def finish(self, seq: int, checkpoint: str) -> None:
+        self.finished[seq] = checkpoint
+
+    def result(self, seq: int) -> str | None:
+        """The finished stage's last checkpoint path, or None while it runs."""
+        return self.finished.get(seq)
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+def learner_loop_per_worker(config: dict) -> None:
+    """Ray Train entry of the long-lived run: take stages from the board until it says STOP.
+
+    Only the first stage a worker takes after (re)starting may restore a checkpoint: Train's restored
+    checkpoint is the run's last one, and it counts only when it was written by that same stage.
+    """
+    from l2l_ray.train.loop import train_stage
+    from l2l_ray.train.worker import RayTrainHooks
+
+    board = config["board"][0]
+    after, first = -1, True
+    while True:
+        cmd = ray.get(board.take.remote(after))
+        if cmd is None:
+            time.sleep(_POLL_S)
+            continue
+        if cmd == STOP:
+            return
+        spec: StageSpec = cmd["spec"]
+        tables = ray.get(cmd["tables"][0])
+        init = ray.get(cmd["init"][0]) if cmd["init"] else None
+        pseudo = ray.get(cmd["pseudo"][0]) if cmd["pseudo"] else None
+        hooks = RayTrainHooks(spec.stage_dir, stage=spec.stage, restore=first)
+        train_stage(spec, tables, init, pseudo, hooks)
+        if hooks.rank == 0:
+            ray.get(board.finish.remote(cmd["seq"], hooks.last_checkpoint or ""))
+        after, first = cmd["seq"], False
+
+
+class Learner:
+    """The driver's handle on the long-lived Train run (see the module docstring)."""
+
+    def __init__(self, cfg, run_dir: str | Path):
+        self.cfg = cfg
+        self.storage = Path(run_dir).resolve() / "checkpoints"
+        self.board = None
+        self.thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.result = None
+
+    def _start(self) -> None:
+        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+        from ray.train.torch import TorchTrainer
+
+        from l2l_ray.train.fit import check_train_resources
+
+        check_train_resources(self.cfg)
+        if not self.cfg.run.resume and (self.storage / LEARNER_DIR).exists():
+            shutil.rmtree(self.storage / LEARNER_DIR)
+        self.board = ray.remote(StageBoard).options(num_cpus=0).remote()
+        c = self.cfg.train
+        trainer = TorchTrainer(
+            learner_loop_per_worker, train_loop_config={"board": [self.board]},
+            scaling_config=ScalingConfig(num_workers=c.num_workers, use_gpu=c.use_gpu,
+                                         resources_per_worker={"CPU": c.cpus_per_worker}),
+            run_config=RunConfig(name=LEARNER_DIR, storage_path=str(self.storage),
+                                 checkpoint_config=CheckpointConfig(num_to_keep=2),
+                                 failure_config=FailureConfig(max_failures=c.max_failures)))
+
+        def fit() -> None:
+            try:
+                self.result = trainer.fit()
+                if getattr(self.result, "error", None) is not None:
+                    self.error = self.result.error
+            except BaseException as e:  # noqa: BLE001 - handed to the driver thread in fit()
+                self.error = e
+
+        self.thread = threading.Thread(target=fit, name="l2l-learner", daemon=True)
+        self.thread.start()
+
+    def fit(self, spec: StageSpec, tables_ref, init_ref, pseudo_ref) -> Path:
+        """Train one stage on the long-lived run; returns the stage's last checkpoint folder."""
+        if self.thread is None:
+            self._start()
+        seq = ray.get(self.board.post.remote({"spec": spec, "tables": [tables_ref],
+                                              "init": [init_ref] if init_ref is not None else [],
+                                              "pseudo": [pseudo_ref] if pseudo_ref is not None else []}))
+        while True:
+            path = ray.get(self.board.result.remote(seq))
+            if path is not None:
+                break
+            if not self.thread.is_alive():
+                raise RuntimeError(f"training stage {spec.stage!r}: the Ray Train run ended: {self.error}") \
+                    from self.error
+            time.sleep(_POLL_S)
+        if not path:
+            raise RuntimeError(f"training stage {spec.stage!r} produced no checkpoint (see {spec.stage_dir})")
+        return Path(path)
+
+    def close(self) -> None:
+        """End the Train run (its workers return) and free its CPUs."""
+        if self.thread is None:
+            return
+        ray.get(self.board.stop.remote())
+        self.thread.join()
+        ray.kill(self.board)
+        self.thread = self.board = None
