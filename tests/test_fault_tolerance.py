@@ -94,22 +94,28 @@ def _alive(pid: int) -> bool:
 EPOCHS, STEPS = 4, 12
 
 
-def _registered_epoch(snapshot: Path) -> int | None:
-    """The last epoch (0-based) whose checkpoint Ray Train's controller has registered, or None."""
+def _registered_epoch(snapshot: Path, stage: str = "") -> int | None:
+    """The last epoch (0-based) whose checkpoint Ray Train's controller has registered, or None. ``stage``: on
+    the long-lived learner's run only a checkpoint of that stage (dir name ``<stage>-epoch_NNNN``) counts."""
     try:
-        return json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["epoch"]
+        latest = json.loads(snapshot.read_text())["latest_checkpoint_result"]
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    if not isinstance(latest, dict) or (stage and not str(latest.get("checkpoint_dir_name", "")).startswith(
+            f"{stage}-")):
+        return None
+    return latest.get("metrics", {}).get("epoch")
 
 
-def _kill_train_worker_mid_epoch(stage: Path, train_run: Path, out: dict, timeout: float = 150.0) -> None:
+def _kill_train_worker_mid_epoch(stage: Path, train_run: Path, out: dict, timeout: float = 150.0,
+                                 prefix: str = "") -> None:
     """SIGKILL this test's Ray Train worker (a descendant of pytest) inside an epoch that comes after the last
     checkpoint Ray Train has registered. (The controller registers a reported checkpoint when it next polls the
     workers, every 2 s: a worker lost before that restarts from the previous one.)"""
     log, snapshot = stage / "progress.log", train_run / "checkpoint_manager_snapshot.json"
     deadline = time.time() + timeout
     while time.time() < deadline:
-        last, lines = _registered_epoch(snapshot), _read(log).splitlines()
+        last, lines = _registered_epoch(snapshot, prefix), _read(log).splitlines()
         m = re.search(r"epoch (\d+)/\d+ step (\d+)/(\d+)", lines[-1]) if lines else None
         if last is not None and m and int(m[1]) >= last + 2 and int(m[2]) < int(m[3]):
             workers = [p for p in _descendants(os.getpid()) if "RayTrainWorker" in _cmdline(p)]
@@ -143,7 +149,8 @@ def test_killed_train_worker_resumes_from_the_last_epoch_checkpoint(ray_session,
             first = fit_segmenter(cfg, tmp_path, "first", data, None, 1, learner=learner)
             assert Path(first.checkpoint_dir) == tmp_path / "checkpoints" / "first" / "final"
         train_run = tmp_path / "checkpoints" / ("learner" if keep_learner else "warmup")
-        killer = threading.Thread(target=_kill_train_worker_mid_epoch, args=(stage, train_run, got))
+        killer = threading.Thread(target=_kill_train_worker_mid_epoch,
+                                  args=(stage, train_run, got, 150.0, "warmup" if keep_learner else ""))
         killer.start()
         try:
             res = fit_segmenter(cfg, tmp_path, "warmup", data, None, EPOCHS, learner=learner)

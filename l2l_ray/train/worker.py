@@ -40,7 +40,12 @@ class RayTrainHooks:
             return None
         with ckpt.as_directory() as d:
             state = torch.load(Path(d) / STATE_FILE, map_location="cpu", weights_only=False)
-        return state if not self.stage or state.get("stage") == self.stage else None
+        if self.stage and state.get("stage") != self.stage:
+            if self.rank == 0:
+                self.log(f"[{self.stage}] the last checkpoint ({Path(ckpt.path).name}) is another stage's: "
+                         "starting this stage from its initial weights")
+            return None
+        return state
 
     def save(self, metrics: dict, state: dict | None, epoch: int) -> None:
         with tempfile.TemporaryDirectory() as d:
