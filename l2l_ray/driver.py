@@ -36,7 +36,7 @@ class RoundContext:
     data: Any  # DatasetBundle the student trains on (held-out labeled images removed for l2l)
     full: Any  # the whole DatasetBundle (evaluation)
     priors: dict | None  # sent_id -> Prior used in selection (None: uninformative everywhere)
-    guide: dict | None  # priors the segmenter sees as guidance (l2l only)
+    guide: dict | None  # priors the segmenter sees as guidance (any method, with model.guidance)
     pairs: list  # all unlabeled (UnlabeledSample, Sentence) pairs
     heldout: list  # held-out labeled (LabeledSample, Sentence) pairs: the selector's practice set
     selector: Any = None  # SelectorGroup (l2l with RL) or None
@@ -162,8 +162,8 @@ def _split_heldout(cfg: Config, data) -> tuple[Any, list]:
 
 
 def _priors(cfg: Config) -> dict | None:
-    if not (cfg.method in ("semires", "l2l") and cfg.semi.use_priors):
-        return None
+    if not cfg.semi.use_priors or not (cfg.method in ("semires", "l2l") or cfg.model.guidance):
+        return None  # priors serve selection (semires, l2l) and guidance (any method with model.guidance)
     from l2l_ray.priors.pipeline import load_priors, run_priors
 
     run_priors(cfg)  # computes only what the cache lacks
@@ -193,7 +193,7 @@ def run(cfg: Config, on_round: RoundCallback | None = None) -> dict[str, Any]:
     full = load_dataset(cfg, run_dir)  # refuses a run folder made with another label split
     cfg.save(run_dir / "config.yaml")  # only now: `l2l eval --run` must keep the config of the checkpoints
     priors = _priors(cfg)
-    guide = priors if cfg.method == "l2l" else None
+    guide = priors if cfg.model.guidance else None  # guidance is the segmenter's, for every method
     use_rl = cfg.method == "l2l" and cfg.semi.use_rl
     data, heldout = _split_heldout(cfg, full) if use_rl else (full, [])
     timing = {"setup_s": time.perf_counter() - t0}

@@ -34,7 +34,8 @@ TINY = ["data.image_size=64", "data.synth_images=40", "data.synth_seed=0", "data
         "train.eval_batch_size=32", "train.cpus_per_worker=0.5", "train.epochs=1", "semi.rounds=1",
         "semi.epochs_per_round=1", "semi.unlabeled_per_round=16", "semi.selector_practice_steps=3",
         "semi.gallery_size=2", "semi.selector_minibatch=16"]
-SPLIT_KEYS = {"mIoU", "oIoU", "prec@0.5", "prec@0.6", "prec@0.7", "prec@0.8", "prec@0.9", "n"}
+SPLIT_KEYS = {"mIoU", "oIoU", "prec@0.5", "prec@0.6", "prec@0.7", "prec@0.8", "prec@0.9", "n", "mIoU_small",
+              "mIoU_medium", "mIoU_large", "area_tercile_1", "area_tercile_2"}
 TINY_DIR = "l2l_tiny_synthref"  # under pytest's base temp; test_e2e.py reuses it when it exists
 
 
@@ -171,6 +172,22 @@ def test_restart_between_exploring_rounds_continues_with_the_next_round(tiny_roo
     assert (tmp_path / "checkpoints/round_2/done.json").is_file()
 
 
+def _calibrate_batchnorm(model, tok, size: int) -> None:
+    """Random init + eval-mode BatchNorm (running stats 0/1) shrinks activations layer by layer until the output
+    is a constant; one train-mode pass over random images gives BN real statistics, so outputs vary by input."""
+    from l2l_ray.model import make_batch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = None  # cumulative average: one batch sets the statistics
+    tokens, mask = tok.encode(["the left red circle", "big blue box", "star on the right", "the ring"])
+    images = torch.randint(0, 255, (4, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    model.train()
+    with torch.no_grad():
+        model(make_batch(images, tokens, mask))
+    model.eval()
+
+
 @pytest.mark.ray
 def test_teacher_pool_matches_in_process_inference(tiny_root, tmp_path):
     """Teacher inference on two Ray actors (weights sent once as an object ref) = the in-process result."""
@@ -184,7 +201,9 @@ def test_teacher_pool_matches_in_process_inference(tiny_root, tmp_path):
     data = load_dataset(cfg)
     tok = tokenizer_for(cfg, tmp_path, data)
     torch.manual_seed(0)
-    weights = build_segmenter(cfg, tok).state_dict()
+    model = build_segmenter(cfg, tok)
+    _calibrate_batchnorm(model, tok, 64)
+    weights = model.state_dict()
     state = ray.put({"student": weights, "teacher": weights, "tokenizer": tok.to_json()})
     pairs = [(smp, s) for smp in data.unlabeled for s in smp.sentences][:11]  # 11 rows: uneven slices
     threads = torch.get_num_threads()

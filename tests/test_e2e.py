@@ -25,7 +25,8 @@ TINY = ["data.image_size=64", "data.synth_images=40", "data.synth_seed=0", "data
         "train.eval_batch_size=32", "train.num_workers=0", "train.epochs=1", "semi.rounds=1",
         "semi.epochs_per_round=1", "semi.unlabeled_per_round=16", "semi.selector_practice_steps=3",
         "semi.gallery_size=2", "semi.selector_minibatch=16", "method=l2l", "seed=0", "model.preset=tiny"]
-SPLIT_KEYS = {"mIoU", "oIoU", "prec@0.5", "prec@0.6", "prec@0.7", "prec@0.8", "prec@0.9", "n"}
+SPLIT_KEYS = {"mIoU", "oIoU", "prec@0.5", "prec@0.6", "prec@0.7", "prec@0.8", "prec@0.9", "n", "mIoU_small",
+              "mIoU_medium", "mIoU_large", "area_tercile_1", "area_tercile_2"}
 
 
 def l2l(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
