@@ -47,7 +47,7 @@ def evaluate_prior(cfg: Config) -> dict[str, Any]:
     exactly as ``evaluate`` scores the segmenter; a sentence without a prior predicts an empty mask."""
     from l2l_ray.data import ensure_data, load_dataset
     from l2l_ray.data.images import load_mask_resized
-    from l2l_ray.metrics import summarize
+    from l2l_ray.metrics import size_terciles, summarize
     from l2l_ray.priors.pipeline import load_priors, run_priors
     from l2l_ray.ray_utils import ensure_ray
 
@@ -60,12 +60,13 @@ def evaluate_prior(cfg: Config) -> dict[str, Any]:
     s, splits = cfg.data.image_size, {}
     for name, samples in bundle.eval.items():
         inters, unions = np.zeros(len(samples), np.int64), np.zeros(len(samples), np.int64)
+        areas = np.zeros(len(samples))
         for i, e in enumerate(samples):
             p = priors.get(e.sent_id)
             pred = p.soft_mask(s) > 0.5 if p is not None else np.zeros((s, s), bool)
             gt = load_mask_resized(e.mask(), s)
-            inters[i], unions[i] = (pred & gt).sum(), (pred | gt).sum()
-        splits[name] = summarize(inters, unions)
+            inters[i], unions[i], areas[i] = (pred & gt).sum(), (pred | gt).sum(), gt.mean()
+        splits[name] = {**summarize(inters, unions), **size_terciles(inters, unions, areas)}
     return {"method": PRIOR_ROW, "label_ratio": None, "seed": None, "splits": splits, "rounds": [],
             "timing": {"total_s": round(time.perf_counter() - t0, 2)}, "priors": len(priors)}
 

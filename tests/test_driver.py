@@ -128,7 +128,7 @@ def test_baselines_run_in_the_same_loop(tiny_root, tmp_path, method):
     _check_split_metrics(m, m["data"]["eval_pairs"])
     assert not (tmp_path / "selector.pt").exists()
     assert m["heldout_pairs"] == 0  # only L2L keeps labeled images back for its selector
-    assert (m["priors"] is not None) == (method == "semires")  # mean_teacher selects without priors
+    assert m["priors"] is not None  # model.guidance (on by default): every method's segmenter sees the prior
     gallery = np.load(tmp_path / "gallery.npz")
     assert gallery["pseudo"].shape == (2, 64, 64)
     if method == "supervised":
@@ -296,11 +296,12 @@ class _Spy:
         self.truth_reads: list[tuple[int, bool]] = []  # (ref_id, inside the diagnostic)
         real_fit, real_round, real_mask = train.fit_segmenter, driver.run_round, ReferDataset.mask_rle
 
-        def fit(cfg, run_dir, stage, data, priors, epochs, init_state=None, pseudo=None):
+        def fit(cfg, run_dir, stage, data, priors, epochs, init_state=None, pseudo=None, learner=None):
             if pseudo is not None:
                 pl = train.fit.resolve(pseudo)
                 self.pseudo[stage] = (pl.sent_ids.copy(), pl.labels.copy(), pl.weights.copy())
-            res = real_fit(cfg, run_dir, stage, data, priors, epochs, init_state=init_state, pseudo=pseudo)
+            res = real_fit(cfg, run_dir, stage, data, priors, epochs, init_state=init_state, pseudo=pseudo,
+                           learner=learner)
             self.final_student = train.fit.resolve(res.state_ref)["student"]
             return res
 

@@ -149,9 +149,11 @@ DRIVER = textwrap.dedent("""
     from l2l_ray.config import load_config
     from l2l_ray.data import load_dataset
     from l2l_ray.train import fit_segmenter
+    from l2l_ray.train.learner import Learner
     ray.init(address=sys.argv[1], log_to_driver=False)
     cfg = load_config(None, sys.argv[3:])
-    fit_segmenter(cfg, sys.argv[2], "warmup", load_dataset(cfg, sys.argv[2]), None, 4)
+    learner = Learner(cfg, sys.argv[2]) if cfg.train.keep_learner else None
+    fit_segmenter(cfg, sys.argv[2], "warmup", load_dataset(cfg, sys.argv[2]), None, 4, learner=learner)
 """)
 
 
@@ -186,15 +188,21 @@ def _settled(path: Path, quiet_s: float = 3.0, timeout_s: float = 60.0) -> str:
 
 
 @pytest.mark.ray
-def test_ray_train_two_workers_retry_a_crash_and_a_killed_driver_resumes(ray_session, data_root, tmp_path):
+@pytest.mark.parametrize("keep_learner", [True, False], ids=["long-lived learner", "trainer per stage"])
+def test_ray_train_two_workers_retry_a_crash_and_a_killed_driver_resumes(ray_session, data_root, tmp_path,
+                                                                         keep_learner):
     """2 DDP workers at 0.5 CPU each. Rank 0 raises once at the start of epoch 1 (FailureConfig retries the
     group from the epoch-0 checkpoint); the driver process is then killed mid-run, and re-running the same
-    fit in a new process continues from the last registered checkpoint, not from epoch 0."""
+    fit in a new process continues from the last registered checkpoint, not from epoch 0. Both on the driver's
+    long-lived learner (Train restores the run "learner" by name) and on a TorchTrainer per stage."""
+    from l2l_ray.train.learner import Learner
+
     overrides = [f"data.root={data_root}", f"run.dir={tmp_path}", *TINY, "train.num_workers=2",
                  "train.cpus_per_worker=0.5", "train.steps_per_epoch=4", "train.inject_failure_epoch=1",
-                 "train.max_failures=1"]
+                 "train.max_failures=1", f"train.keep_learner={str(keep_learner).lower()}"]
     stage = tmp_path / "checkpoints" / "warmup"
-    snapshot = stage / "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it has
+    train_run = tmp_path / "checkpoints" / ("learner" if keep_learner else "warmup")
+    snapshot = train_run / "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it has
     _run_driver_until(ray_session.get_runtime_context().gcs_address, tmp_path, overrides, snapshot, "epoch_0001")
     first_log = _settled(stage / "progress.log")  # the dead driver's workers may still write a line
     assert (stage / ".injected_failure_epoch1").exists()  # rank 0 raised at the start of epoch 1 ...
@@ -205,14 +213,20 @@ def test_ray_train_two_workers_retry_a_crash_and_a_killed_driver_resumes(ray_ses
     assert 1 <= last < 3, (last, first_log)
 
     cfg = load_config(None, overrides)
-    res = fit_segmenter(cfg, tmp_path, "warmup", load_dataset(cfg, tmp_path), None, 4)
+    learner = Learner(cfg, tmp_path) if keep_learner else None
+    try:
+        res = fit_segmenter(cfg, tmp_path, "warmup", load_dataset(cfg, tmp_path), None, 4, learner=learner)
+    finally:
+        if learner is not None:
+            learner.close()
     log = (stage / "progress.log").read_text()[len(first_log):]
     assert f"resumed from the checkpoint of epoch {last + 1}/4" in log, (last, first_log, log)
     assert "epoch 1/4 step" not in log and log.count("epoch 4/4 step") == 4, log
     assert [h["epoch"] for h in res.history] == [0, 1, 2, 3]
     assert res.history[-1]["samples"] == 4 * 2 * 4  # steps x workers x batch
     state = ray_session.get(res.state_ref)
-    assert set(state) == {"student", "teacher", "tokenizer"} and Path(res.checkpoint_dir).name == "epoch_0003"
+    assert set(state) == {"student", "teacher", "tokenizer"}
+    assert Path(res.checkpoint_dir).name == ("final" if keep_learner else "epoch_0003")
 
 
 @pytest.mark.ray
