@@ -118,8 +118,8 @@ def _run(cfg, state_ref, which: str, images: np.ndarray, rows: RowTable, truth=N
         task = ray.remote(num_gpus=1, num_cpus=1)(infer_rows)
         return ray.get(task.remote(cfg.to_dict(), state_ref, which, ray.put(images), rows, truth, flip, mirrored))
     threads = torch.get_num_threads()
-    if cfg.train.num_threads:  # same thread count as training (oversubscribed OpenMP threads spin on busy CPUs)
-        torch.set_num_threads(cfg.train.num_threads)
+    if cfg.train.num_threads:  # the training workers' threads, which idle while the driver infers (more would spin)
+        torch.set_num_threads(cfg.train.num_threads * max(1, cfg.train.num_workers))
     try:
         return infer_rows(cfg, state_ref, which, images, rows, truth, flip, mirrored)
     finally:
