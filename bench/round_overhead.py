@@ -91,8 +91,9 @@ def main() -> None:
     ap.add_argument("--label-ratio", type=float, default=0.05)
     ap.add_argument("--unlabeled", type=int, default=300)
     ap.add_argument("--steps", type=int, default=30, help="training steps of the warm-up and of the round")
-    ap.add_argument("--batch", type=int, default=24)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads, the same on both paths")
+    ap.add_argument("--batch", type=int, default=16, help="per Ray Train worker (one process: x workers)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per Ray Train worker (one process: x workers, the same cores)")
     ap.add_argument("--teacher-actors", type=int, default=1,
                     help="TeacherPool actors on the Ray path (0: teacher in the driver, the 2-core default)")
     ap.add_argument("--keep-learner", type=int, default=1,
@@ -117,11 +118,13 @@ def main() -> None:
         full = load_dataset(cfg, warm_dir)
         priors = _priors(cfg)
         data, heldout = _split_heldout(cfg, full)
-        local = apply_overrides(cfg, {"train.num_workers": 0})
+        workers = max(1, cfg.train.num_workers)  # the same work in one process: one worker's threads and batch x N
+        local = apply_overrides(cfg, {"train.num_workers": 0, "train.num_threads": args.threads * workers,
+                                      "train.batch_size": args.batch * workers})
         print(f"warm-up: {args.steps} steps in process ...", flush=True)
         state = fit_segmenter(local, warm_dir, "warmup", data, priors, 1)
 
-        ray_cfg = apply_overrides(cfg, {"train.num_workers": max(1, cfg.train.num_workers),
+        ray_cfg = apply_overrides(cfg, {"train.num_workers": workers,
                                         "semi.teacher_actors": args.teacher_actors})
         print(f"round on Ray (SelectorActors, {args.teacher_actors} teacher actor(s), Ray Train) ...", flush=True)
         on_ray = _one_round(ray_cfg, root / "ray", warm_dir, data, full, priors, heldout, state,
@@ -136,7 +139,8 @@ def main() -> None:
 
     n_unl = min(args.unlabeled, sum(len(s.sentences) for s in data.unlabeled))
     print(f"\none L2L round: {args.images} images, {n_unl} unlabeled pairs, {len(heldout)} held-out labeled pairs, "
-          f"{args.steps} training steps x batch {args.batch}, {args.threads} torch thread(s)")
+          f"{args.steps} training steps x batch {args.batch} x {workers} worker(s) ({args.threads} torch thread(s) "
+          f"each; one process: {args.threads * workers} threads, batch {args.batch * workers})")
     print(f"{'seconds':32s} {'ray':>8s} {'one process':>12s} {'ratio':>7s}")
     for k in KEYS + ("round_s",):
         print(f"{k:32s} {on_ray[k]:8.2f} {alone[k]:12.2f} {on_ray[k] / max(alone[k], 1e-9):7.2f}")

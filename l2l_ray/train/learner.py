@@ -19,9 +19,9 @@ and finished stages are recorded per stage (``done.json`` + ``final/state.pt``, 
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import threading
-import time
 from pathlib import Path
 
 import ray
@@ -30,41 +30,68 @@ from l2l_ray.train.loop import StageSpec
 
 LEARNER_DIR = "learner"  # <run_dir>/checkpoints/learner: the long-lived Train run's own checkpoints
 STOP = "stop"
-_POLL_S = 0.1
+_WAIT_S = 2.0  # the driver checks this often that the Train run is still alive
 
 
 class StageBoard:
-    """Ray actor: the open stage (one at a time) and the stages finished so far."""
+    """Async Ray actor: the open stage (one at a time) and the stages finished so far.
+
+    Workers and the driver block in ``take`` / ``result`` on an ``asyncio.Condition`` (no polling: on 2 cores
+    every wake-up of Ray's processes stalls the OpenMP threads of the training step).
+    """
 
     def __init__(self):
         self.seq = 0
         self.open: dict | None = None
         self.finished: dict[int, str] = {}
         self.stopped = False
+        self._cond: asyncio.Condition | None = None
 
-    def post(self, command: dict) -> int:
+    def _condition(self) -> asyncio.Condition:
+        if self._cond is None:  # made inside the actor's event loop
+            self._cond = asyncio.Condition()
+        return self._cond
+
+    async def _changed(self) -> None:
+        async with self._condition():
+            self._condition().notify_all()
+
+    async def post(self, command: dict) -> int:
         """Open a stage: ``command`` = {"spec", "tables": [ref], "init": [ref] | [], "pseudo": [ref] | []}."""
         self.seq += 1
         self.open = {**command, "seq": self.seq}
+        await self._changed()
         return self.seq
 
-    def take(self, after: int) -> dict | str | None:
-        """The open stage if it is newer than ``after`` (a restarted worker passes -1), STOP, or None (wait)."""
+    def _next(self, after: int) -> dict | str | None:
         if self.stopped:
             return STOP
         if self.open is not None and self.open["seq"] > after and self.open["seq"] not in self.finished:
             return self.open
         return None
 
-    def finish(self, seq: int, checkpoint: str) -> None:
+    async def take(self, after: int) -> dict | str:
+        """Wait for the open stage newer than ``after`` (a restarted worker passes -1), or STOP."""
+        async with self._condition():
+            await self._condition().wait_for(lambda: self._next(after) is not None)
+        return self._next(after)
+
+    async def finish(self, seq: int, checkpoint: str) -> None:
         self.finished[seq] = checkpoint
+        await self._changed()
 
-    def result(self, seq: int) -> str | None:
-        """The finished stage's last checkpoint path, or None while it runs."""
-        return self.finished.get(seq)
+    async def result(self, seq: int, timeout_s: float) -> str | None:
+        """The finished stage's last checkpoint path, or None if it is still running after ``timeout_s``."""
+        try:
+            async with self._condition():
+                await asyncio.wait_for(self._condition().wait_for(lambda: seq in self.finished), timeout_s)
+        except asyncio.TimeoutError:
+            return None
+        return self.finished[seq]
 
-    def stop(self) -> None:
+    async def stop(self) -> None:
         self.stopped = True
+        await self._changed()
 
 
 def learner_loop_per_worker(config: dict) -> None:
@@ -79,10 +106,7 @@ def learner_loop_per_worker(config: dict) -> None:
     board = config["board"][0]
     after, first = -1, True
     while True:
-        cmd = ray.get(board.take.remote(after))
-        if cmd is None:
-            time.sleep(_POLL_S)
-            continue
+        cmd = ray.get(board.take.remote(after))  # blocks until the driver posts a stage (or stops)
         if cmd == STOP:
             return
         spec: StageSpec = cmd["spec"]
@@ -145,13 +169,12 @@ class Learner:
                                               "init": [init_ref] if init_ref is not None else [],
                                               "pseudo": [pseudo_ref] if pseudo_ref is not None else []}))
         while True:
-            path = ray.get(self.board.result.remote(seq))
+            path = ray.get(self.board.result.remote(seq, _WAIT_S))  # blocks up to _WAIT_S
             if path is not None:
                 break
             if not self.thread.is_alive():
                 raise RuntimeError(f"training stage {spec.stage!r}: the Ray Train run ended: {self.error}") \
                     from self.error
-            time.sleep(_POLL_S)
         if not path:
             raise RuntimeError(f"training stage {spec.stage!r} produced no checkpoint (see {spec.stage_dir})")
         return Path(path)
