@@ -87,7 +87,7 @@ def bench(args, compiled: bool) -> dict:
     model.train()
     t_train = _time(train_step, args.steps, args.warmup, device)
     train_mem = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None
-    model.eval()
+    model.eval().fuse_batchnorm()  # as l2l_ray.train.infer.load_model does for every inference
     t_infer = _time(infer_step, args.steps, args.warmup, device)
     return {
         "preset": args.preset, "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",

@@ -136,6 +136,18 @@ class Segmenter(nn.Module):
         """(scalar loss, {"loss", "main", "aux"} detached tensors)."""
         return self.loss_from_outputs(self(batch), batch)
 
+    def fuse_batchnorm(self) -> Segmenter:
+        """Inference only: fold every eval-mode BatchNorm into the conv before it (one op instead of two; the
+        same outputs up to float rounding). Returns self; the model must not be trained afterwards."""
+        from l2l_ray.model.encoders import ConvBN
+
+        for m in self.modules():
+            if isinstance(m, ConvBN) and isinstance(m[1], nn.BatchNorm2d):
+                m[0] = torch.nn.utils.fusion.fuse_conv_bn_eval(m[0].eval(), m[1].eval()).to(
+                    memory_format=torch.channels_last)
+                m[1] = nn.Identity()
+        return self
+
     @torch.no_grad()
     def predict(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Probabilities (B, S, S) float32 in [0, 1] (call ``eval()`` first for inference)."""

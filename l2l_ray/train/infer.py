@@ -32,7 +32,7 @@ def load_model(cfg, state: dict, which: str, device: torch.device):
         raise ValueError(f"which={which!r}: choose 'student' or 'teacher'")
     model = build_segmenter(cfg, TextTokenizer.from_json(state["tokenizer"]))
     model.load_state_dict(state[which])
-    return model.to(device).eval()
+    return model.to(device).eval().fuse_batchnorm()  # BatchNorm folded into its conv: inference only
 
 
 _MODEL_CACHE: dict = {}  # (state ObjectRef hex, which, device) -> model: built once per inference stage
