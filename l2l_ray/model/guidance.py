@@ -127,7 +127,7 @@ class FusionBlock(nn.Module):
         super().__init__()
         if width % heads:
             raise ValueError(f"fusion width {width} must be divisible by heads {heads}")
-        self.heads, self.width = heads, width
+        self.heads = heads
         # +2 input channels: normalised (x, y) of every pixel, so spatial words ("left", "top") have a direct
         # handle (CoordConv); a cheap prior that speeds up learning from scratch a lot. One 1x1 conv makes both
         # the attention queries and the visual projection.

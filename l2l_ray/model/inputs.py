@@ -2,7 +2,8 @@
 
 Batch keys (tensors, S = model input side):
 - "image" (B,3,S,S) float, normalised with ImageNet mean/std; "tokens" (B,T) long; "token_mask" (B,T) bool;
-- "prior" (B,1,P,P) float in [0,1] at the proposal's own side P (0.5 = uninformative); "box" (B,4) normalised xyxy (zeros if none);
+- "prior" (B,1,P,P) float in [0,1] at the proposal's own side P (0.5 = uninformative);
+  "box" (B,4) normalised xyxy (zeros if none);
   "prior_valid" (B,) bool; optional "points" (B,K,2) normalised xy and "point_valid" (B,K) bool;
 - for losses: "target" (B,S,S) float {0,1}; "weight" (B,S,S) float >= 0 (0 = ignored pixel); optional
   "sample_weight" (B,) float (e.g. ``semi.unlabeled_weight`` on pseudo-labelled rows).

@@ -155,15 +155,22 @@ def check_train_resources(cfg) -> None:
     raise RuntimeError(msg)
 
 
+def stage_refs(tables, init_state, pseudo) -> dict:
+    """A stage's data as object refs for Train workers: {"tables": [ref], "init": [ref] | [], "pseudo": [ref] | []}
+    (boxed in lists so Ray passes them as refs; ``worker.resolve_stage_refs`` gets them back)."""
+    import ray
+
+    def boxed(x) -> list:
+        return [] if x is None else [x if _is_ref(x) else ray.put(x)]
+
+    return {"tables": boxed(tables), "init": boxed(init_state), "pseudo": boxed(pseudo)}
+
+
 def _fit_on_learner(learner, spec: StageSpec, tables, init_state, pseudo) -> Path:
     """The stage on the run's long-lived Train run; its last checkpoint is copied to ``<stage_dir>/final`` (the
     Train run keeps only its 2 newest checkpoints across all stages)."""
-    import ray
-
-    init_ref = init_state if init_state is None or _is_ref(init_state) else ray.put(init_state)
-    pseudo_ref = pseudo if pseudo is None or _is_ref(pseudo) else ray.put(pseudo)
     with ProgressEcho(spec.stage_dir):
-        ckpt = learner.fit(spec, ray.put(tables), init_ref, pseudo_ref)
+        ckpt = learner.fit(spec, stage_refs(tables, init_state, pseudo))
     final = Path(spec.stage_dir) / FINAL_DIR
     final.mkdir(parents=True, exist_ok=True)
     tmp = final / f".{STATE_FILE}.tmp"
@@ -173,20 +180,14 @@ def _fit_on_learner(learner, spec: StageSpec, tables, init_state, pseudo) -> Pat
 
 
 def _fit_on_ray(cfg, spec: StageSpec, tables, init_state, pseudo) -> Path:
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from l2l_ray.train.worker import train_loop_per_worker
 
     check_train_resources(cfg)
-    tables_ref = ray.put(tables)
-    init_ref = init_state if init_state is None or _is_ref(init_state) else ray.put(init_state)
-    pseudo_ref = pseudo if pseudo is None or _is_ref(pseudo) else ray.put(pseudo)
     trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={"spec": spec, "tables": [tables_ref], "init": [init_ref] if init_ref is not None else [],
-                           "pseudo": [pseudo_ref] if pseudo_ref is not None else []},
+        train_loop_per_worker, train_loop_config={"spec": spec, **stage_refs(tables, init_state, pseudo)},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         run_config=RunConfig(name=spec.stage, storage_path=str(Path(spec.stage_dir).parent),

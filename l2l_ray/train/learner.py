@@ -1,7 +1,7 @@
 """One long-lived Ray Train run that trains every stage of a run (warm-up, round 1, round 2, ...).
 
     learner = Learner(cfg, run_dir)                      # starts nothing yet
-    ckpt = learner.fit(spec, tables_ref, init_ref, pseudo_ref)   # the first call starts TorchTrainer.fit()
+    ckpt = learner.fit(spec, stage_refs(tables, init, pseudo))   # the first call starts TorchTrainer.fit()
     learner.close()                                      # the workers return, the Train run ends
 
 Ray Train starts its controller and worker group once per run instead of once per stage (about 13 s per
@@ -57,7 +57,7 @@ class StageBoard:
             self._condition().notify_all()
 
     async def post(self, command: dict) -> int:
-        """Open a stage: ``command`` = {"spec", "tables": [ref], "init": [ref] | [], "pseudo": [ref] | []}."""
+        """Open a stage: ``command`` = {"spec": StageSpec, **fit.stage_refs(...)}."""
         self.seq += 1
         self.open = {**command, "seq": self.seq}
         await self._changed()
@@ -101,7 +101,7 @@ def learner_loop_per_worker(config: dict) -> None:
     checkpoint is the run's last one, and it counts only when it was written by that same stage.
     """
     from l2l_ray.train.loop import train_stage
-    from l2l_ray.train.worker import RayTrainHooks
+    from l2l_ray.train.worker import RayTrainHooks, resolve_stage_refs
 
     board = config["board"][0]
     after, first = -1, True
@@ -110,11 +110,8 @@ def learner_loop_per_worker(config: dict) -> None:
         if cmd == STOP:
             return
         spec: StageSpec = cmd["spec"]
-        tables = ray.get(cmd["tables"][0])
-        init = ray.get(cmd["init"][0]) if cmd["init"] else None
-        pseudo = ray.get(cmd["pseudo"][0]) if cmd["pseudo"] else None
         hooks = RayTrainHooks(spec.stage_dir, stage=spec.stage, restore=first)
-        train_stage(spec, tables, init, pseudo, hooks)
+        train_stage(spec, *resolve_stage_refs(cmd), hooks)
         if hooks.rank == 0:
             ray.get(board.finish.remote(cmd["seq"], hooks.last_checkpoint or ""))
         after, first = cmd["seq"], False
@@ -129,7 +126,6 @@ class Learner:
         self.board = None
         self.thread: threading.Thread | None = None
         self.error: BaseException | None = None
-        self.result = None
 
     def _start(self) -> None:
         from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -152,22 +148,18 @@ class Learner:
 
         def fit() -> None:
             try:
-                self.result = trainer.fit()
-                if getattr(self.result, "error", None) is not None:
-                    self.error = self.result.error
+                self.error = getattr(trainer.fit(), "error", None)
             except BaseException as e:  # noqa: BLE001 - handed to the driver thread in fit()
                 self.error = e
 
         self.thread = threading.Thread(target=fit, name="l2l-learner", daemon=True)
         self.thread.start()
 
-    def fit(self, spec: StageSpec, tables_ref, init_ref, pseudo_ref) -> Path:
-        """Train one stage on the long-lived run; returns the stage's last checkpoint folder."""
+    def fit(self, spec: StageSpec, refs: dict) -> Path:
+        """Train one stage (``refs`` from ``fit.stage_refs``) on the long-lived run; returns its last checkpoint."""
         if self.thread is None:
             self._start()
-        seq = ray.get(self.board.post.remote({"spec": spec, "tables": [tables_ref],
-                                              "init": [init_ref] if init_ref is not None else [],
-                                              "pseudo": [pseudo_ref] if pseudo_ref is not None else []}))
+        seq = ray.get(self.board.post.remote({"spec": spec, **refs}))
         while True:
             path = ray.get(self.board.result.remote(seq, _WAIT_S))  # blocks up to _WAIT_S
             if path is not None:

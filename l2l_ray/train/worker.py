@@ -64,13 +64,12 @@ class RayTrainHooks:
         append_progress(self.stage_dir, line)
 
 
-def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry: config = {"spec": StageSpec, "tables": [ref], "init": [ref] | [], "pseudo": [ref] | []}.
+def resolve_stage_refs(refs: dict) -> tuple:
+    """``fit.stage_refs``' boxed refs -> (tables, init or None, pseudo or None) (zero-copy numpy views)."""
+    return tuple(ray.get(refs[k][0]) if refs[k] else None for k in ("tables", "init", "pseudo"))
 
-    Refs are wrapped in lists so Ray passes them as refs; each worker resolves them (zero-copy numpy views).
-    """
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry: config = {"spec": StageSpec, **fit.stage_refs(...)}."""
     spec = config["spec"]
-    tables = ray.get(config["tables"][0])
-    init = ray.get(config["init"][0]) if config["init"] else None
-    pseudo = ray.get(config["pseudo"][0]) if config["pseudo"] else None
-    train_stage(spec, tables, init, pseudo, RayTrainHooks(spec.stage_dir))
+    train_stage(spec, *resolve_stage_refs(config), RayTrainHooks(spec.stage_dir))
