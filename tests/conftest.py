@@ -10,7 +10,8 @@ os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-FIXTURES = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "fixtures", "refer_real_annotations")
+# Genuine RefCOCO/+/g records, kept in the project (provenance and licence: the folder's README.md).
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "refer_real_annotations")
 
 
 @pytest.fixture(scope="session")
@@ -37,8 +38,12 @@ def by_value(ray_session, request):
 
 @pytest.fixture(scope="session")
 def refer_fixture_root() -> str:
-    """The genuine RefCOCO/RefCOCO+/RefCOCOg records in ../shared (REFER layout, no images)."""
+    """The genuine RefCOCO/RefCOCO+/RefCOCOg records in tests/fixtures (REFER layout, no images).
+
+    L2L_REFER_FIXTURES points the tests at another REFER-layout folder instead.
+    """
     root = os.environ.get("L2L_REFER_FIXTURES", FIXTURES)
     if not os.path.isdir(root):
-        pytest.skip(f"REFER fixtures not found at {root}")
+        pytest.skip(f"REFER fixtures not found at {root}: L2L_REFER_FIXTURES must name a REFER-layout folder "
+                    "(unset, the tests use tests/fixtures/refer_real_annotations)")
     return os.path.abspath(root)
