@@ -61,7 +61,7 @@ class RunSection:
 @dataclass
 class PriorsConfig:
     backend: str = "lexical"  # lexical | hf | openai | vllm
-    cache_dir: str = ""  # "" = <data.root>/<data.dataset>/priors
+    cache_dir: str = ""  # "" = $L2L_CACHE/priors/<data.root name>-<hash> (L2L_CACHE: ~/.cache/l2l-ray); never data.root
     model: str = ""  # hub id or local path (hf / vllm / openai model name)
     family: str = "qwen2.5-vl"  # output convention: qwen2-vl | qwen2.5-vl | qwen3-vl
     prompt_version: str = "v1"
@@ -278,7 +278,18 @@ class Config:
 
     @property
     def priors_cache_dir(self) -> str:
-        return self.priors.cache_dir or str(Path(self.data.root) / self.data.dataset / "priors")
+        """``priors.cache_dir``, else a folder the user owns (the dataset folder is often a read-only shared mount):
+        ``$L2L_CACHE/priors/<data.root name>-<sha1 of the resolved data.root, 8 hex>``, so two data roots never
+        share a cache. ``L2L_CACHE`` defaults to ``$XDG_CACHE_HOME/l2l-ray``, i.e. ``~/.cache/l2l-ray``."""
+        if self.priors.cache_dir:
+            return self.priors.cache_dir
+        import hashlib
+
+        xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+        base = os.environ.get("L2L_CACHE") or Path(xdg) / "l2l-ray"
+        root = Path(self.data.root).expanduser().resolve()
+        tag = re.sub(r"[^A-Za-z0-9._-]+", "_", root.name)[:32] or "root"
+        return str(Path(base).expanduser() / "priors" / f"{tag}-{hashlib.sha1(str(root).encode()).hexdigest()[:8]}")
 
 
 def _choice_msg(key: str, value: Any, valid: list[str]) -> str:

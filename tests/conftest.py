@@ -14,6 +14,20 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "refer_real_annotations")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache(tmp_path_factory):
+    """``L2L_CACHE`` (the default priors cache, ``Config.priors_cache_dir``) in a session temp folder, so no test
+    writes to the real ``~/.cache/l2l-ray``. Autouse and session-scoped: set before Ray starts and before any CLI
+    subprocess, which inherit it."""
+    old = os.environ.get("L2L_CACHE")
+    os.environ["L2L_CACHE"] = str(tmp_path_factory.mktemp("l2l-cache"))
+    yield os.environ["L2L_CACHE"]
+    if old is None:
+        os.environ.pop("L2L_CACHE", None)
+    else:
+        os.environ["L2L_CACHE"] = old
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """A real local Ray cluster with 2 CPUs shared by every Ray test."""
