@@ -3,7 +3,8 @@
     l2l report runs/default          # -> runs/default/report.html (+ runs/default/report/*.png)
 
 The page reads what the driver wrote into the run folder:
-- ``metrics.json``: final split metrics, per-round val metrics, reward terms, trusted-pixel shares;
+- ``metrics.json``: final split metrics, the warm-up's val metrics (``warmup_val``, shown as round 0),
+  per-round val metrics, reward terms, trusted-pixel shares;
 - ``gallery.npz``: a fixed sample of val pairs written by :func:`save_gallery` during the run;
 - ``config.yaml``: the resolved config (shown verbatim).
 
@@ -31,6 +32,15 @@ REPORT_FILE = "report.html"
 REPORT_DIR = "report"
 _MASK_KEYS = ("proposals", "teacher", "pseudo", "pred", "truth")
 PANEL_PX = 160  # side of one gallery panel in the page, pixels
+# The gallery's columns in save_gallery's order (the image, then _MASK_KEYS): title and colour key, shown in the
+# HTML table head and in the title strip of gallery.png. Each pair's sentence is printed under its row.
+GALLERY_COLUMNS = (("image + prior box", "yellow box; sentence below"), ("prior proposal", "soft map, orange"),
+                   ("teacher", "soft map, blue"), ("pseudo-label", "green=1, black=0, grey=ignored"),
+                   ("prediction", "red"), ("truth", "teal"))
+# The per-round table: title, dotted path in a round's record, scale ("%": x100, else 3 decimals).
+ROUND_COLUMNS = (("val mIoU (%)", "val.mIoU", "%"), ("val oIoU (%)", "val.oIoU", "%"),
+                 ("trusted pixels (%)", "trusted_pixel_share", "%"), ("rejected pairs (%)", "rejected_share", "%"),
+                 ("pseudo-label IoU, diagnostic (%)", "pseudo_iou_diag", "%"), ("reward total", "reward.total", ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -107,7 +117,7 @@ def write_report(run_dir: str | os.PathLike) -> str:
                                 f"run.dir={run}` first (or pass the right run folder)")
     png_dir = run / REPORT_DIR
     sections = [_summary_section(run, metrics), _splits_section(metrics.get("splits") or {})]
-    sections.append(_rounds_section(metrics.get("rounds") or [], metrics.get("method", "?"), png_dir))
+    sections.append(_rounds_section(metrics, png_dir))
     sections.append(_gallery_section(load_gallery(run), png_dir))
     sections.append(_timing_section(metrics.get("timing") or {}))
     config = run / "config.yaml"
@@ -152,11 +162,41 @@ def _splits_section(splits: dict[str, dict[str, Any]]) -> str:
             + "".join(body) + "</table>")
 
 
-def _rounds_section(rounds: list[dict[str, Any]], method: str, png_dir: Path) -> str:
+def round_rows(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """``metrics["rounds"]`` preceded by round 0, the warm-up (``{"round": 0, "val": metrics["warmup_val"]}``),
+    where the run has rounds and recorded the warm-up's val metrics."""
+    rounds = list(metrics.get("rounds") or [])
+    warm = metrics.get("warmup_val")
+    return ([{"round": 0, "val": warm}] if rounds and isinstance(warm, dict) else []) + rounds
+
+
+def round_table(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Cells of the per-round table: per row of :func:`round_rows`, its round then one cell per ROUND_COLUMNS
+    entry ("n/a" where the round lacks it: the warm-up has no selection, a mean_teacher run no reward)."""
+    table = []
+    for i, r in enumerate(rows):
+        n = r.get("round", i)
+        cells = [f"{n} (warm-up)" if n == 0 else str(n)]
+        for _, path, scale in ROUND_COLUMNS:
+            v = float(_series([r], path)[0])
+            cells.append(_pct(v) if scale == "%" else "n/a" if math.isnan(v) else f"{v:.3f}")
+        table.append(cells)
+    return table
+
+
+def _rounds_section(metrics: dict[str, Any], png_dir: Path) -> str:
+    rounds, rows = metrics.get("rounds") or [], round_rows(metrics)
     if not rounds:
         return (f"<h2>Rounds</h2><p class='missing'>No semi-supervised rounds in this run (method "
-                f"{html.escape(str(method))}): no per-round curves.</p>")
-    figs = [("curves", "Validation metrics per round", plot_curves(rounds)),
+                f"{html.escape(str(metrics.get('method', '?')))}): no per-round curves.</p>")
+    head = "".join(f"<th>{html.escape(t)}</th>" for t in ["round", *(c[0] for c in ROUND_COLUMNS)])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in cells) + "</tr>"
+                   for cells in round_table(rows))
+    table = (f"<table class='metrics' id='rounds'><tr>{head}</tr>{body}</table>"
+             "<p>Round 0 is the warm-up on the labelled pairs alone. Trusted pixels: share of the unlabelled "
+             "pairs' pixels trained on; rejected pairs: share of pairs left out; the pseudo-labels' IoU with the "
+             "hidden truth is a diagnostic, never a training signal.</p>")
+    figs = [("curves", "Validation metrics per round (0 = warm-up)", plot_curves(rows)),
             ("rewards", "Reward terms per round (selector)", plot_rewards(rounds)),
             ("shares", "Pseudo-label pixels per round", plot_shares(rounds))]
     parts = []
@@ -164,7 +204,7 @@ def _rounds_section(rounds: list[dict[str, Any]], method: str, png_dir: Path) ->
         body = ("<p class='missing'>Not recorded in metrics.json for this run.</p>" if png is None
                 else _figure(png_dir, f"{name}.png", png, title))
         parts.append(f"<div><h3>{title}</h3>{body}</div>")
-    return "<h2>Rounds</h2><div class='figs'>" + "\n".join(parts) + "</div>"
+    return "<h2>Rounds</h2>" + table + "<div class='figs'>" + "\n".join(parts) + "</div>"
 
 
 def _figure(png_dir: Path, name: str, png: bytes, alt: str) -> str:
@@ -182,22 +222,23 @@ def _gallery_section(gallery: dict[str, np.ndarray] | None, png_dir: Path) -> st
     if gallery is None:
         return (f"<h2>Gallery</h2><p class='missing'>No gallery in this run folder ({GALLERY_FILE} is missing: "
                 f"the driver writes it with l2l_ray.report.save_gallery).</p>")
-    heads = ["sentence", "image + prior box", "proposal", "teacher", "pseudo-label", "prediction", "truth", "IoU"]
+    titles = [title for title, _ in GALLERY_COLUMNS]
     rows = []
     for i, panels in enumerate(gallery_panels(gallery, PANEL_PX)):
         pred, truth = gallery["pred"][i] >= 128, gallery["truth"][i] >= 128
         union = np.logical_or(pred, truth).sum()
         iou = np.logical_and(pred, truth).sum() / union if union else float("nan")
-        imgs = "".join(f"<td><img alt='{h}' src='{_data_uri(p)}'></td>" for h, p in zip(heads[1:7], panels,
-                                                                                       strict=True))
+        imgs = "".join(f"<td><img alt='{h}' src='{_data_uri(p)}'></td>" for h, p in zip(titles, panels, strict=True))
         rows.append(f"<tr><td class='sent'>{html.escape(str(gallery['sentences'][i]))}</td>{imgs}"
                     f"<td>{_pct(iou)}</td></tr>")
     atomic_write_bytes(png_dir / "gallery.png", gallery_grid(gallery, PANEL_PX))
     legend = ("pseudo-label: green = trusted foreground, black = trusted background, grey = ignored; "
               "prior box in yellow; IoU = prediction vs truth (%)")
+    heads = ["<th>sentence</th>", *(f"<th>{html.escape(t)}<br><small>{html.escape(k)}</small></th>"
+                                    for t, k in GALLERY_COLUMNS), "<th>IoU</th>"]
     return (f"<h2>Gallery (fixed val sample, {len(rows)} pairs)</h2><p>{legend}. "
             f"All panels in one file: <a href='{REPORT_DIR}/gallery.png'>{REPORT_DIR}/gallery.png</a></p>"
-            f"<table class='gallery' id='gallery'><tr>{''.join(f'<th>{h}</th>' for h in heads)}</tr>"
+            f"<table class='gallery' id='gallery'><tr>{''.join(heads)}</tr>"
             + "".join(rows) + "</table>")
 
 
@@ -237,24 +278,30 @@ def _series(rounds: list[dict[str, Any]], path: str) -> np.ndarray:
     return np.asarray(out, dtype=np.float64)
 
 
-def _line_plot(rounds: list[dict[str, Any]], series: list[tuple[str, str]], ylabel: str, scale: float) -> bytes | None:
+def line_series(rounds: list[dict[str, Any]], series: list[tuple[str, str]],
+                scale: float) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """The points a chart draws: x = round numbers (R,), and per (dotted path, label) with any value, y (R,)
+    times ``scale``, NaN where a round lacks it."""
+    x = np.asarray([r.get("round", i) for i, r in enumerate(rounds)], dtype=np.float64)
+    ys = {label: _series(rounds, path) * scale for path, label in series}
+    return x, {label: y for label, y in ys.items() if np.isfinite(y).any()}
+
+
+def _line_plot(rounds: list[dict[str, Any]], series: list[tuple[str, str]], ylabel: str, scale: float,
+               xlabel: str = "round") -> bytes | None:
     """One axes, one line per (dotted path, label) that has any value; None when none has."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    x = np.asarray([r.get("round", i) for i, r in enumerate(rounds)], dtype=np.float64)
+    x, ys = line_series(rounds, series, scale)
+    if not ys:
+        return None
     fig = Figure(figsize=(4.8, 3.0))
     FigureCanvasAgg(fig)
     ax = fig.add_subplot(1, 1, 1)
-    drawn = 0
-    for path, label in series:
-        y = _series(rounds, path) * scale
-        if np.isfinite(y).any():
-            ax.plot(x, y, marker="o", label=label, linewidth=2.5 if path.endswith("total") else 1.5)
-            drawn += 1
-    if not drawn:
-        return None
-    ax.set_xlabel("round")
+    for label, y in ys.items():
+        ax.plot(x, y, marker="o", label=label, linewidth=2.5 if label == "total" else 1.5)
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_xticks(x)
     ax.grid(alpha=0.3)
@@ -262,9 +309,12 @@ def _line_plot(rounds: list[dict[str, Any]], series: list[tuple[str, str]], ylab
     return png_bytes(fig)
 
 
+VAL_SERIES = [("val.mIoU", "val mIoU"), ("val.oIoU", "val oIoU")]
+
+
 def plot_curves(rounds: list[dict[str, Any]]) -> bytes | None:
-    """Val mIoU and oIoU (%) per round, as PNG bytes."""
-    return _line_plot(rounds, [("val.mIoU", "val mIoU"), ("val.oIoU", "val oIoU")], "IoU (%)", 100.0)
+    """Val mIoU and oIoU (%) per round, as PNG bytes; pass :func:`round_rows` so the curve starts at the warm-up."""
+    return _line_plot(rounds, VAL_SERIES, "IoU (%)", 100.0, xlabel="round (0 = warm-up)")
 
 
 def plot_rewards(rounds: list[dict[str, Any]]) -> bytes | None:
@@ -276,8 +326,8 @@ def plot_rewards(rounds: list[dict[str, Any]]) -> bytes | None:
 
 
 def plot_shares(rounds: list[dict[str, Any]]) -> bytes | None:
-    """Share of unlabeled pixels trusted / rejected by the selection, and the pseudo-labels' IoU with truth (%)."""
-    return _line_plot(rounds, [("trusted_pixel_share", "trusted pixels"), ("rejected_share", "rejected"),
+    """Share of unlabeled pixels trusted and of pairs rejected by the selection; pseudo-label IoU with truth (%)."""
+    return _line_plot(rounds, [("trusted_pixel_share", "trusted pixels"), ("rejected_share", "rejected pairs"),
                                ("pseudo_iou_diag", "pseudo-label IoU (diagnostic)")], "%", 100.0)
 
 
@@ -300,14 +350,20 @@ def gallery_panels(gallery: dict[str, np.ndarray], px: int) -> list[list[bytes]]
 
 
 def gallery_grid(gallery: dict[str, np.ndarray], px: int) -> bytes:
-    """All panels in one PNG: a row per pair, its sentence under the row."""
+    """All panels in one PNG: a title strip naming the columns (GALLERY_COLUMNS), then a row per pair, its
+    sentence under the row."""
     from PIL import Image, ImageDraw
 
     gap, text_h, g = 4, 16, len(gallery["images"])
-    grid = Image.new("RGB", (6 * px + 5 * gap, g * (px + text_h + gap)), (255, 255, 255))
+    head = 2 * text_h + gap  # title and colour key, one line each
+    grid = Image.new("RGB", (6 * px + 5 * gap, head + g * (px + text_h + gap)), (255, 255, 255))
     draw = ImageDraw.Draw(grid)
+    for j, (title, key) in enumerate(GALLERY_COLUMNS):  # centred over the column (textlength: any PIL font)
+        cx = j * (px + gap) + px / 2
+        draw.text((cx - draw.textlength(title) / 2, 2), title, fill=(0, 0, 0))
+        draw.text((cx - draw.textlength(key) / 2, text_h + 1), key, fill=(90, 90, 90))
     for i in range(g):
-        y = i * (px + text_h + gap)
+        y = head + i * (px + text_h + gap)
         for j, panel in enumerate(_row_images(gallery, i, px)):
             grid.paste(panel, (j * (px + gap), y))
         sentence = str(gallery["sentences"][i])

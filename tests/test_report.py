@@ -7,6 +7,7 @@ it is skipped where /usr/bin/chromium is absent (Debian: ``apt-get install -y ch
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -18,12 +19,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from l2l_ray import report
 from l2l_ray.config import Config
-from l2l_ray.report import load_gallery, save_gallery, write_report
+from l2l_ray.report import GALLERY_COLUMNS, load_gallery, round_rows, round_table, save_gallery, write_report
 from l2l_ray.tb import TBLogger, read_scalars, scalar_items
 
 CHROMIUM = "/usr/bin/chromium"
 S, G = 64, 4
+WARMUP_VAL = {"mIoU": 0.2468, "oIoU": 0.2975, "n": 120}
 
 
 def _split(miou: float, oiou: float, n: int) -> dict:
@@ -79,6 +82,7 @@ def _make_run(run: Path, rounds: int = 3, gallery: bool = True, method: str = "l
     metrics = {"method": method, "label_ratio": 0.01,
                "splits": {"val": _split(0.4123, 0.4567, 120), "testA": _split(0.3901, 0.4012, 80)},
                "rounds": [_round(r) for r in range(1, rounds + 1)],
+               "warmup_val": WARMUP_VAL if method != "supervised" else None,  # as the driver writes it
                "timing": {"total_s": 123.4, "round_s": {"mean": 10.5}}}
     (run / "metrics.json").write_text(json.dumps(metrics))
     if gallery:
@@ -132,8 +136,10 @@ def test_write_report_full_run(tmp_path):
     for href in refs.hrefs:
         img = np.asarray(Image.open(run / href).convert("RGB"))
         assert img.std() > 5, f"{href} looks blank"
-    # the gallery file: G rows of six 160 px panels
-    assert Image.open(run / "report/gallery.png").size[0] == 6 * 160 + 5 * 4
+    # the gallery file: a title strip over G rows of six 160 px panels, each row with its sentence line
+    w, h = Image.open(run / "report/gallery.png").size
+    assert w == 6 * 160 + 5 * 4 and h == 2 * 16 + 4 + G * (160 + 16 + 4)
+    assert all(f"<th>{title}<br>" in page for title, _ in GALLERY_COLUMNS)
     # IoU column, hand-computed: a shift by 3 px of a 30x30 square -> 27*30 / (33*30) = 81.82 %
     assert "<td>81.82</td>" in page
 
@@ -205,3 +211,44 @@ def test_write_report_rounds_without_reward_terms(tmp_path):
     page = Path(write_report(run)).read_text()
     assert page.count("Not recorded in metrics.json") == 1
     assert (run / "report" / "curves.png").exists() and not (run / "report" / "rewards.png").exists()
+
+
+def test_val_curve_and_round_table_start_at_the_warmup(tmp_path, monkeypatch):
+    run = _make_run(tmp_path / "run", rounds=3, gallery=False)
+    metrics = json.loads((run / "metrics.json").read_text())
+    rows = round_rows(metrics)
+    assert [r["round"] for r in rows] == [0, 1, 2, 3] and rows[0]["val"] == WARMUP_VAL
+    x, ys = report.line_series(rows, report.VAL_SERIES, 100.0)
+    assert x.tolist() == [0, 1, 2, 3]
+    assert np.allclose(ys["val mIoU"], [24.68, 35.0, 40.0, 45.0]) and np.isclose(ys["val oIoU"][0], 29.75)
+    # the page's curve is drawn from those rows
+    drawn = []
+    monkeypatch.setattr(report, "plot_curves", lambda rows, real=report.plot_curves: drawn.append(rows) or real(rows))
+    page = Path(write_report(run)).read_text()
+    assert [r["round"] for r in drawn[0]] == [0, 1, 2, 3]
+    # the per-round table: a row per round plus the warm-up; round 2 by hand from _round(2)
+    table = round_table(rows)
+    assert len(table) == 4 and table[0] == ["0 (warm-up)", "24.68", "29.75", "n/a", "n/a", "n/a", "n/a"]
+    assert table[2] == ["2", "40.00", "43.00", "70.00", "30.00", "70.00", "0.700"]
+    body = page.split("id='rounds'>", 1)[1].split("</table>", 1)[0]
+    assert body.count("<tr>") == 1 + 4 and "<td>0 (warm-up)</td><td>24.68</td>" in body
+
+
+def test_round_rows_without_a_warmup_record():
+    """Older metrics.json files have no ``warmup_val``; a supervised run has no rounds: no round 0 then."""
+    assert [r["round"] for r in round_rows({"rounds": [_round(1)]})] == [1]
+    assert round_rows({"rounds": [], "warmup_val": None}) == []
+    assert round_table(round_rows({"rounds": [{"round": 1, "val": {"mIoU": 0.5}}]})) == [
+        ["1", "50.00", "n/a", "n/a", "n/a", "n/a", "n/a"]]
+
+
+def test_gallery_grid_has_a_title_strip():
+    """Above the first row of panels: dark title text on white, one title per column, over its column."""
+    px = 96
+    grid = np.asarray(Image.open(io.BytesIO(report.gallery_grid(_gallery_arrays(), px))).convert("L"))  # (H, W)
+    strip, first_row = grid[:2 * 16 + 4], grid[2 * 16 + 4:2 * 16 + 4 + px]
+    assert grid.shape == (2 * 16 + 4 + G * (px + 16 + 4), 6 * px + 5 * 4)
+    assert len(GALLERY_COLUMNS) == 6 and (first_row < 250).mean() > 0.5  # the panels start below the strip
+    for j in range(6):
+        col = strip[:, j * (px + 4):j * (px + 4) + px]
+        assert (col < 128).sum() > 20, f"no title over column {j}"
