@@ -104,12 +104,18 @@ def check_budget(cfg: Config, cluster_cpus: float) -> None:
 
 
 def _absolute(cfg: Config) -> Config:
-    """Paths made absolute: Tune runs trials with the trial folder as their working directory."""
+    """Paths made absolute: Tune runs trials with the trial folder as their working directory.
+
+    ``priors.cache_dir`` is pinned to where ``_prepare_shared`` fills it (``cfg.priors_cache_dir``: by default under
+    ``$L2L_CACHE`` or ``~/.cache`` of this driver), so trials read that cache whatever their own environment. On a
+    multi-node cluster it must then be shared storage, like data.root and run.dir (docs/cluster.md); a trial on a
+    node that does not see it would compute the priors again.
+    """
     over: dict[str, Any] = {"data.root": str(Path(cfg.data.root).absolute()),
-                            "run.dir": str(Path(cfg.run.dir).absolute())}
-    for key, value in (("data.image_dir", cfg.data.image_dir), ("priors.cache_dir", cfg.priors.cache_dir)):
-        if value:
-            over[key] = str(Path(value).absolute())
+                            "run.dir": str(Path(cfg.run.dir).absolute()),
+                            "priors.cache_dir": str(Path(cfg.priors_cache_dir).expanduser().absolute())}
+    if cfg.data.image_dir:
+        over["data.image_dir"] = str(Path(cfg.data.image_dir).absolute())
     for key, value in (("model.backbone", cfg.model.backbone), ("model.text_encoder", cfg.model.text_encoder),
                        ("priors.model", cfg.priors.model)):
         if value and Path(value).exists():  # a local path (a hub id stays as it is)

@@ -168,17 +168,80 @@ def test_cache_key_separates_backends_models_prompts(tmp_path):
     assert PriorCache(cfg).dir.parent.name == "synthref_google"
 
 
-def test_tmp_files_ignored_and_corrupt_part_named(tmp_path):
+def test_tmp_files_ignored_and_damaged_part_moved_aside(tmp_path, capsys):
     cache = PriorCache(make_cfg(tmp_path))
     cache.write([full_prior(1)])
     # A write in flight (or killed) leaves a temp file named by l2l_ray.io.atomic_write: never read.
     (cache.dir / ".part-00000000000000000009-deadbeef.parquet.x1y2.tmp").write_bytes(b"PAR1 half a file")
     assert len(cache.parts()) == 1 and cache.done_ids() == {1}
-    # A visible part is always complete; if one is damaged by hand, the error names it and the fix.
+    # A visible part is always complete; one damaged by other means is moved aside (kept), with a warning naming it.
     bad = cache.dir / "part-99999999999999999999-00000000.parquet"
     bad.write_bytes(b"not parquet")
-    with pytest.raises(ValueError, match=str(bad.name)):
-        cache.load()
+    assert sorted(cache.load()) == [1]
+    assert not bad.exists() and cache.parts() == [p for p in cache.parts() if p != bad]
+    (aside,) = cache.quarantined
+    assert aside.name.startswith(bad.name + ".corrupt-") and aside.read_bytes() == b"not parquet"
+    assert bad.name in capsys.readouterr().err
+
+
+def test_truncated_part_is_quarantined_and_its_batch_recomputed(tmp_path):
+    """A part cut short on disk: the next run moves it aside, recomputes just that batch, and counts it."""
+    from l2l_ray.priors.pipeline import compute_priors
+
+    n, batch, log = 12, 4, tmp_path / "calls.txt"
+    cfg = make_cfg(tmp_path, batch_size=batch)
+    factory = lambda pcfg: SlowCountingBackend(str(log), 0.0)  # noqa: E731
+    first = compute_priors(cfg, toy_requests(n), use_ray=False, backend_factory=factory)
+    assert first["computed"] == n and first["quarantined_parts"] == 0
+    cache = PriorCache(cfg)
+    original = cache.load()
+    victim = cache.parts()[1]
+    victim_ids = set(pq.read_table(victim, columns=["sent_id"])["sent_id"].to_pylist())
+    os.truncate(victim, victim.stat().st_size // 2)
+    n_calls = len(calls(log))
+
+    again = compute_priors(cfg, toy_requests(n), use_ray=False, backend_factory=factory)
+    assert again["quarantined_parts"] == 1
+    assert again["cached_before"] == n - batch and again["computed"] == batch
+    assert set(calls(log)[n_calls:]) == victim_ids  # only the lost batch was asked again
+    aside = list(cache.dir.glob(victim.name + ".corrupt-*"))
+    assert len(aside) == 1 and aside[0].stat().st_size > 0 and not victim.exists()  # kept, not deleted
+    reloaded = PriorCache(cfg).load()
+    assert sorted(reloaded) == list(range(n))
+    for i in range(n):
+        assert_same(original[i], reloaded[i])
+
+
+def test_a_read_only_data_root_is_never_written(tmp_path, private_cache):
+    """The default cache lives under $L2L_CACHE (conftest: a session temp folder), keyed by data.root, never in
+    the dataset folder. As root chmod does not stop writes, so the test also checks nothing changed there."""
+    from l2l_ray.config import apply_overrides
+    from l2l_ray.data import ensure_data
+    from l2l_ray.priors.pipeline import run_priors
+
+    root = tmp_path / "data"
+    cfg = apply_overrides(Config(), {"data.root": str(root), "data.synth_images": 12, "data.label_ratio": 0.25,
+                                     "priors.include_eval": False})
+    ensure_data(cfg)
+
+    def snapshot() -> dict[str, tuple[int, int]]:
+        return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*")}
+
+    before = snapshot()
+    modes = {p: p.stat().st_mode for p in [root, *root.rglob("*")]}
+    for p in modes:
+        p.chmod(p.stat().st_mode & ~0o222)
+    try:
+        summary = run_priors(cfg, use_ray=False)
+    finally:
+        for p, mode in modes.items():
+            p.chmod(mode)
+    assert summary["computed"] == summary["requested"] > 0
+    cache_dir = Path(summary["cache_dir"])
+    assert Path(private_cache) in cache_dir.parents and root not in cache_dir.parents
+    assert snapshot() == before
+    other = apply_overrides(cfg, {"data.root": str(tmp_path / "elsewhere" / "data")})
+    assert other.priors_cache_dir != cfg.priors_cache_dir  # same folder name, other root: another cache
 
 
 def test_kill_during_write_leaves_no_visible_part(tmp_path):

@@ -6,6 +6,7 @@ Layout (one folder per cache key; ``<cache_dir>`` is ``cfg.priors_cache_dir``)::
         key.json                                   # the full key, for humans and tools
         .lock                                      # writers: shared flock per part; compact: exclusive
         part-<time_ns>-<uuid8>.parquet             # one finished batch each
+        part-....parquet.corrupt-<time>            # an unreadable part, moved aside (never read)
         .part-....parquet.XXXX.tmp                 # a write in flight (readers ignore it)
 
 - A batch becomes visible only when its whole part file is on disk (``l2l_ray.io.atomic_write``: temp
@@ -15,6 +16,9 @@ Layout (one folder per cache key; ``<cache_dir>`` is ``cfg.priors_cache_dir``)::
   so changing ``priors.proposal_blend`` never serves stale proposals.
 - Part names sort in write order; on read, a ``sent_id`` found in several parts (a batch written twice,
   a retried failure) keeps its **last** row, so there are never duplicates.
+- A part that cannot be read (truncated or damaged outside our writes, e.g. a disk or copy error) is moved aside
+  as ``part-....parquet.corrupt-<time>`` with a warning, and its batch counts as not cached, so the next
+  ``l2l priors`` recomputes just that batch (``PriorCache.quarantined``; the run summary's ``quarantined_parts``).
 - Transient failures (``TRANSIENT_STATUSES``: timeouts, HTTP errors, backend exceptions) are cached (they are counted in
   the summary) but not "done": the next run asks the backend again and the new row wins.
 
@@ -32,6 +36,7 @@ import fcntl
 import hashlib
 import json
 import re
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -71,7 +76,7 @@ SCHEMA = pa.schema([
 # proposal_* and lexical_* knobs, family, max_tokens, ...) is part of the cache key when not at its default.
 _OPERATIONAL = frozenset({"backend", "model", "prompt_version", "cache_dir", "endpoint", "api_key_env", "timeout_s",
                           "max_retries", "concurrency", "batch_size", "num_gpus", "tensor_parallel_size",
-                          "include_eval"})
+                          "include_eval", "corruption", "corruption_drop"})  # corruption: applied after loading
 
 
 def output_params(pcfg) -> dict:
@@ -192,6 +197,7 @@ class PriorCache:
             name += "_p" + hashlib.sha1(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
         self.root = Path(cfg.priors_cache_dir)
         self.dir = self.root / f"{cfg.data.dataset}_{cfg.data.split_by}" / name
+        self.quarantined: list[Path] = []  # unreadable parts this instance moved aside (see _quarantine)
 
     def __repr__(self) -> str:
         return f"PriorCache({str(self.dir)!r})"
@@ -239,16 +245,30 @@ class PriorCache:
         """Write one batch of priors as a new part file, atomically; returns its path (None if empty)."""
         return self.write_table(priors_to_table(priors))
 
+    def _quarantine(self, path: Path, error: Exception) -> None:
+        """Move an unreadable part aside (``<part>.corrupt-<UTC time>``, kept for a post-mortem, never read again):
+        its sentences drop out of ``done_ids``, so the next compute asks the backend for exactly that batch."""
+        aside = path.with_name(f"{path.name}.corrupt-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}")
+        try:
+            path.rename(aside)
+        except FileNotFoundError:
+            raise  # another reader moved it, or a compaction merged it: _read lists the parts again
+        except OSError as e:  # e.g. a read-only cache: cannot move it, so say what to do instead
+            raise ValueError(f"priors cache part {path} is unreadable ({error}) and could not be moved aside ({e}); "
+                             "delete that file and re-run `l2l priors` (only its batch is recomputed)") from None
+        self.quarantined.append(aside)
+        print(f"priors cache: WARNING: part {path} is unreadable ({error}); moved it to {aside.name}, its batch "
+              "will be recomputed", file=sys.stderr, flush=True)
+
     def _read_once(self, columns: list[str] | None) -> pa.Table:
         tables = []
         for path in self.parts():
             try:
                 tables.append(pq.read_table(path, columns=columns, schema=SCHEMA))
-            except FileNotFoundError:
-                raise
-            except (OSError, pa.ArrowInvalid) as e:
-                raise ValueError(f"priors cache part {path} is unreadable ({e}); delete that file and re-run "
-                                 "`l2l priors` (only its batch is recomputed)") from e
+            except (FileNotFoundError, PermissionError):
+                raise  # vanished: merged by a concurrent compact (see _read); no access: not corruption
+            except (OSError, pa.ArrowInvalid) as e:  # truncated or damaged (a visible part is never torn by us)
+                self._quarantine(path, e)
         schema = SCHEMA if columns is None else pa.schema([SCHEMA.field(c) for c in columns])
         return pa.concat_tables(tables) if tables else schema.empty_table()
 

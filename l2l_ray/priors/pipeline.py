@@ -23,6 +23,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 import pyarrow as pa
 
@@ -152,12 +153,24 @@ def _compute_local(todo: list[PriorRequest], pcfg: PriorsConfig, backend_factory
         yield priors_to_table(run_backend_batch(backend, todo[i: i + pcfg.batch_size]))
 
 
+def _former_default(cfg: Config, cache: PriorCache) -> str:
+    """A hint when an empty default cache has a filled twin at the former default, ``<data.root>/<dataset>/priors``
+    (written there before the cache moved to ``$L2L_CACHE``): reusing it saves recomputing every prior."""
+    if cfg.priors.cache_dir or cache.parts():
+        return ""
+    old = Path(cfg.data.root) / cfg.data.dataset / "priors"
+    if not any((old / cache.dir.relative_to(cache.root)).glob("part-*.parquet")):
+        return ""
+    return f"; priors of this key are at the former default {old}: pass priors.cache_dir={old} to reuse them"
+
+
 def compute_priors(cfg: Config, requests: list[PriorRequest], *, use_ray: bool = True,
                    backend_factory: BackendFactory = build_backend, compact_above: int = 64) -> dict:
     """Compute the priors of ``requests`` not yet in the cache and write them, batch by batch.
 
     Returns ``{"requested", "cached_before", "computed", "seconds", "samples_per_s", "first_batch_s",
-    "cache_dir"}`` (``first_batch_s``: start-up latency, Ray Data planning and actor start included).
+    "cache_dir", "quarantined_parts"}`` (``first_batch_s``: start-up latency, Ray Data planning and actor start
+    included; ``quarantined_parts``: unreadable part files moved aside, whose batches are computed again).
     With ``use_ray`` the batches run in a Ray Data actor pool (``ensure_ray`` joins or starts Ray when
     there is work); otherwise in this process. The cache is compacted at the end when it holds more
     than ``compact_above`` parts.
@@ -166,7 +179,8 @@ def compute_priors(cfg: Config, requests: list[PriorRequest], *, use_ray: bool =
     done = cache.done_ids()
     todo = [r for r in requests if r.sent_id not in done]
     print(f"priors: backend={cfg.priors.backend} cache={cache.dir}: {len(requests)} sentences, "
-          f"{len(requests) - len(todo)} cached, {len(todo)} to compute", file=sys.stderr, flush=True)
+          f"{len(requests) - len(todo)} cached, {len(todo)} to compute{_former_default(cfg, cache)}",
+          file=sys.stderr, flush=True)
     if todo and use_ray:
         from l2l_ray.ray_utils import ensure_ray
 
@@ -182,7 +196,8 @@ def compute_priors(cfg: Config, requests: list[PriorRequest], *, use_ray: bool =
         cache.compact()
     return {"requested": len(requests), "cached_before": len(requests) - len(todo), "computed": len(todo),
             "seconds": round(seconds, 3), "samples_per_s": round(len(todo) / seconds, 2) if todo else None,
-            "first_batch_s": None if progress.first is None else round(progress.first, 3), "cache_dir": str(cache.dir)}
+            "first_batch_s": None if progress.first is None else round(progress.first, 3), "cache_dir": str(cache.dir),
+            "quarantined_parts": len(cache.quarantined)}
 
 
 def load_priors(cfg: Config, sent_ids: Iterable[int] | None = None, *, allow_missing: bool = False
@@ -234,6 +249,9 @@ def format_summary(summary: dict) -> str:
              f"computed in {summary['seconds']:.1f} s ({summary['samples_per_s'] or 0:.1f} samples/s)",
              f"  coverage (ok priors) {summary['coverage']:.1%}",
              "  failures by reason: " + (", ".join(f"{k} {v}" for k, v in summary["failures"].items()) or "none")]
+    if summary.get("quarantined_parts"):
+        lines.append(f"  unreadable cache parts moved aside (*.corrupt-*, batches recomputed): "
+                     f"{summary['quarantined_parts']}")
     if t := summary.get("timing"):
         lines.append(f"  time: data {t['data_s']} s, priors {t['compute_s']} s, summary {t['summary_s']} s")
     if summary.get("quality"):
@@ -254,8 +272,10 @@ def run_priors(cfg: Config, *, use_ray: bool = True, backend_factory: BackendFac
     t1 = time.perf_counter()
     run = compute_priors(cfg, requests, use_ray=use_ray, backend_factory=backend_factory)
     t2 = time.perf_counter()
-    priors = PriorCache(cfg).load([r.sent_id for r in requests])
+    cache = PriorCache(cfg)
+    priors = cache.load([r.sent_id for r in requests])
     summary = {"backend": cfg.priors.backend, "model": cfg.priors.model, **run, **summarize(priors, requested=requests)}
+    summary["quarantined_parts"] = run["quarantined_parts"] + len(cache.quarantined)
     if cfg.priors.include_eval:
         summary["quality"] = quality_for(priors, bundle, cfg.priors.proposal_size)
     summary["timing"] = {"data_s": round(t1 - t0, 2), "compute_s": round(t2 - t1, 2),
