@@ -1,7 +1,7 @@
 """The ``l2l`` command line (also ``python -m l2l_ray``).
 
     l2l data synth --out data --images 2000 --seed 0
-    l2l data stats --root data --dataset synthref --split-by unc
+    l2l data stats --root data --dataset synthref --split-by unc [--check-images]
     l2l priors --config configs/synthetic.yaml
     l2l train  --config configs/synthetic.yaml method=supervised data.label_ratio=0.05
     l2l eval   --run runs/default [--split val]
@@ -9,21 +9,23 @@
     l2l report runs/default
     l2l config --keys
 
-Every command that takes ``--config`` also takes dotted ``key=value`` overrides. Errors go to
-stderr with exit code 2, not a traceback.
+Every command that takes ``--config`` also takes dotted ``key=value`` overrides. Errors of the user's
+input (``l2l_ray.errors``, also when a Ray task or Train worker raised them) go to stderr as their
+message alone, exit code 2. Ctrl-C prints how to resume and exits 130.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
-from l2l_ray.config import ConfigError, all_keys, load_config
+from l2l_ray.config import all_keys, load_config
+from l2l_ray.errors import USER_ERRORS
 
-
-class UserError(Exception):
-    """Bad input from the user (file, id, value): printed as one line, exit code 2."""
+EXIT_USER_ERROR = 2
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a Ctrl-C'd command
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -46,6 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--dataset", required=True)
     stats.add_argument("--split-by", required=True)
     stats.add_argument("--image-dir", default="")
+    stats.add_argument("--check-images", action="store_true",
+                       help="decode every referenced image; name the unreadable ones (exit 2 if any)")
 
     for name, help_ in [("priors", "make priors and soft proposals into the cache"),
                         ("train", "train (supervised warm-up, then the semi-supervised rounds)"),
@@ -68,9 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "data":
-        from l2l_ray.data import commands
+        from l2l_ray.commands import data
 
-        return commands.synth(args) if args.data_command == "synth" else commands.stats(args)
+        return data.synth(args) if args.data_command == "synth" else data.stats(args)
     if args.command == "config":
         if args.keys:
             print("\n".join(all_keys()))
@@ -80,7 +84,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             print(yaml.safe_dump(load_config(args.config, args.overrides).to_dict(), sort_keys=False))
         return 0
     if args.command == "eval":
-        from l2l_ray.train.commands import evaluate_run
+        from l2l_ray.commands.evaluate import evaluate_run
 
         print(json.dumps(evaluate_run(args.run, args.split), indent=2))
         return 0
@@ -109,10 +113,50 @@ def _dispatch(args: argparse.Namespace) -> int:
     return 0
 
 
+def user_error(e: BaseException) -> BaseException | None:
+    """The error of the user's input that ``e`` is or wraps, else None (a bug: keep its traceback).
+
+    Ray hands a task's or actor's exception back as a ``RayTaskError`` whose ``cause`` is the original
+    (its class also derives from the original's, but its text is the remote traceback); Ray Train
+    raises ``WorkerGroupError`` with ``worker_failures`` {rank: exception}. Both are unwrapped."""
+    for _ in range(8):  # wrappers nest (a task error inside a Train worker's error); stop on a cycle
+        cause = getattr(e, "cause", None)
+        failures = getattr(e, "worker_failures", None)
+        if isinstance(cause, BaseException):
+            e = cause
+        elif isinstance(failures, dict) and failures:
+            e = next(iter(failures.values()))
+        else:
+            break
+    return e if isinstance(e, USER_ERRORS) else None
+
+
+def _resume_hint(args: argparse.Namespace, argv: list[str]) -> str:
+    """One line for a Ctrl-C: how to continue where the command stopped."""
+    if args.command not in ("train", "tune", "experiment"):
+        return "l2l: interrupted"
+    try:
+        run = load_config(args.config, args.overrides).run
+    except Exception:  # interrupted while loading it: the hint is best effort
+        return "l2l: interrupted; to resume, run the same command again"
+    again = shlex.join(["l2l", *argv, *([] if run.resume else ["run.resume=true"])])
+    where = {"train": f"it continues from the last checkpoint in {run.dir}",
+             "tune": f"it restores the search in {run.dir}/tune and resumes the unfinished trials",
+             "experiment": f"runs that finished under {run.dir} are not run again"}[args.command]
+    return f"l2l: interrupted; to resume, run the same command again ({again}): {where}"
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
-    except (ConfigError, UserError, FileNotFoundError) as e:
-        print(f"l2l: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(_resume_hint(args, argv), file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
+    except Exception as e:
+        err = user_error(e)
+        if err is None:
+            raise
+        print(f"l2l: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR

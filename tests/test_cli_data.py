@@ -80,3 +80,50 @@ def test_synth_then_stats(tmp_path):
     assert out == written["stats"] | {"image_files_found": 40, "image_dir": out["image_dir"]}
     bad = l2l("data", "synth", "--out", str(tmp_path), "--images", "0")
     assert bad.returncode == 2 and "--images 0" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def _write_images(refer_fixture_root: str, folder: Path) -> list[str]:
+    """Every refcocog fixture image as a small JPEG in ``folder``; returns the file names."""
+    from PIL import Image
+
+    images = json.loads((Path(refer_fixture_root) / "refcocog" / "instances.json").read_text())["images"]
+    for im in images:
+        Image.new("RGB", (64, 48), (120, 30, 200)).save(folder / im["file_name"], quality=90)
+    return [im["file_name"] for im in images]
+
+
+def test_check_images_names_corrupt_files(refer_fixture_root, tmp_path):
+    names = _write_images(refer_fixture_root, tmp_path)
+    stats = ["data", "stats", "--root", refer_fixture_root, "--dataset", "refcocog", "--split-by", "umd",
+             "--image-dir", str(tmp_path), "--check-images"]
+    p = l2l(*stats)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(p.stdout)["bad_images"] == [] and p.stderr == ""
+
+    truncated, text = tmp_path / names[0], tmp_path / names[-1]
+    truncated.write_bytes(truncated.read_bytes()[:300])  # a download cut short
+    text.write_text("<html>404 not found</html>")  # an error page saved under the image's name
+    p = l2l(*stats)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.startswith(f"l2l: error: 2 of {len(names)} images of refcocog are unreadable")
+    assert str(truncated) in p.stderr and str(text) in p.stderr and "corrupt" in p.stderr
+    assert "re-download" in p.stderr  # what to do
+    bad = json.loads(p.stdout)["bad_images"]
+    assert sorted(b["path"] for b in bad) == sorted([str(truncated), str(text)])
+
+
+def test_check_images_function(refer_fixture_root, tmp_path):
+    """``check_images`` itself (what the driver calls before training): a ReferDataset or paths in,
+    [(path, reason)] out, nothing raised."""
+    from l2l_ray.data.check import check_images, image_paths
+    from l2l_ray.data.refer import ReferDataset
+
+    names = _write_images(refer_fixture_root, tmp_path)
+    ds = ReferDataset(refer_fixture_root, "refcocog", "umd", str(tmp_path))
+    assert check_images(ds) == [] and len(image_paths(ds)) <= len(names)
+    used = image_paths(ds)[0]
+    Path(used).write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    [(path, reason)] = check_images(ds, threads=2)
+    assert path == used and reason.startswith("corrupt or not an image")
+    missing = str(tmp_path / "gone.jpg")
+    assert check_images([missing, used, missing]) == [(missing, "not found"), (used, reason)]

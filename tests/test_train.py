@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 
+from l2l_ray.commands.evaluate import evaluate_run
 from l2l_ray.config import load_config
 from l2l_ray.data import load_dataset
 from l2l_ray.data.images import load_mask_resized
@@ -24,7 +25,6 @@ from l2l_ray.model import build_tokenizer, make_batch
 from l2l_ray.records import PseudoLabelBatch, Sentence
 from l2l_ray.train import evaluate, fit_segmenter, predict_samples
 from l2l_ray.train.batches import epoch_plan, flip_batch, strong_augment
-from l2l_ray.train.commands import evaluate_run
 from l2l_ray.train.loop import EmaTeacher, lr_lambda
 from l2l_ray.train.tables import flip_token_map, swap_left_right
 

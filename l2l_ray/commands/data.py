@@ -1,10 +1,10 @@
 """``l2l data`` subcommands (called by ``l2l_ray.cli``); each prints one JSON object to stdout.
 
     l2l data synth --out data --images 2000 --seed 0
-    l2l data stats --root data --dataset synthref --split-by unc [--image-dir DIR]
+    l2l data stats --root data --dataset synthref --split-by unc [--image-dir DIR] [--check-images]
 
-Bad input raises FileNotFoundError / ConfigError / UserError, which the CLI turns into one line on
-stderr and exit code 2.
+Bad input raises FileNotFoundError / ConfigError / UserError / DataError, which the CLI turns into
+one line on stderr and exit code 2.
 """
 
 from __future__ import annotations
@@ -15,8 +15,11 @@ import os
 import time
 from pathlib import Path
 
-from l2l_ray.cli import UserError
+from l2l_ray.data.check import FIX_HINT, check_images, image_paths
 from l2l_ray.data.refer import ReferDataset
+from l2l_ray.errors import DataError, UserError
+
+MAX_LISTED = 50  # bad images named on stderr; all of them are in the JSON on stdout
 
 
 def synth(args: argparse.Namespace) -> int:
@@ -38,7 +41,10 @@ def synth(args: argparse.Namespace) -> int:
 
 def stats(args: argparse.Namespace) -> int:
     """Print images, refs and sentences per split, the referred categories, skipped records and (when
-    the image folder exists) how many of the referenced image files are there."""
+    the image folder exists) how many of the referenced image files are there.
+
+    ``--check-images`` also decodes every referenced image; bad ones are listed under "bad_images" and
+    are a DataError naming each file (exit code 2), so they are found before a run, not in one."""
     if not Path(args.root).is_dir():
         raise FileNotFoundError(f"--root {args.root}: no such folder (a REFER root holds <dataset>/refs(<split_by>).p)")
     if args.image_dir and not Path(args.image_dir).is_dir():
@@ -54,5 +60,24 @@ def stats(args: argparse.Namespace) -> int:
     out["image_dir"] = str(ds.image_dir)
     if ds.problems:
         out["problems"] = ds.problems
+    bad = _check_images(ds, out) if args.check_images else []
     print(json.dumps(out, indent=2))
+    if bad:
+        listed = "\n".join(f"  {path}: {reason}" for path, reason in bad[:MAX_LISTED])
+        if len(bad) > MAX_LISTED:
+            listed += f"\n  ... and {len(bad) - MAX_LISTED} more (all under \"bad_images\" on stdout)"
+        raise DataError(f"{len(bad)} of {out['images_checked']} images of {ds.dataset} are unreadable:\n"
+                        f"{listed}\n{FIX_HINT}")
     return 0
+
+
+def _check_images(ds: ReferDataset, out: dict) -> list[tuple[str, str]]:
+    """Decode every image the refs use; record the count and the bad ones in ``out``."""
+    if not ds.image_dir.is_dir():
+        raise FileNotFoundError(f"--check-images: image folder {ds.image_dir} not found; pass --image-dir "
+                                "(the folder of instances.json file_names, e.g. COCO train2014)")
+    paths = image_paths(ds)
+    bad = check_images(paths, threads=min(8, os.cpu_count() or 1))
+    out["images_checked"] = len(paths)
+    out["bad_images"] = [{"path": p, "reason": why} for p, why in bad]
+    return bad

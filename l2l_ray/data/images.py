@@ -16,7 +16,7 @@ from collections import Counter
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from l2l_ray.data.refer import DataError
+from l2l_ray.errors import DataError
 
 MAX_FAILED_PATHS = 20
 

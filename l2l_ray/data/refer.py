@@ -24,8 +24,8 @@ from pathlib import Path
 
 from pycocotools import mask as mask_utils
 
-from l2l_ray.cli import UserError
 from l2l_ray.config import ConfigError
+from l2l_ray.errors import DataError
 from l2l_ray.records import EvalSample, LabeledSample, Sentence, UnlabeledSample
 
 # (dataset, split_by) -> the splits of that scheme (REFER README; synthref is the built-in set)
@@ -40,10 +40,6 @@ SCHEMES: dict[tuple[str, str], tuple[str, ...]] = {
 }
 DOWNLOAD_URL = "https://bvisionweb1.cs.unc.edu/licheng/referit/data/{dataset}.zip"
 MAX_PROBLEMS = 20  # messages kept for the report; every problem is still counted
-
-
-class DataError(UserError):
-    """A bad REFER record or file; the message names the file / ref id / sentence id."""
 
 
 def scheme_splits(dataset: str, split_by: str) -> tuple[str, ...]:

@@ -22,10 +22,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from ray.rllib.core.columns import Columns
+from ray.rllib.core.distribution.torch.torch_distribution import TorchCategorical
 from ray.rllib.core.rl_module.apis import ValueFunctionAPI
 from ray.rllib.core.rl_module.rl_module import RLModuleSpec
 from ray.rllib.core.rl_module.torch import TorchRLModule
-from ray.rllib.models.torch.torch_distributions import TorchCategorical
 from torch import nn
 
 from l2l_ray.selection.candidates import FEATURE_NAMES, PLANE_NAMES, CandidateBatch

@@ -6,7 +6,7 @@
     metrics = evaluate(cfg, res.state_ref, bundle, priors)                       # {split: {mIoU, oIoU, ...}}
 
 The supervised baseline runs through ``l2l_ray.driver.run`` (``method=supervised``); ``l2l eval --run DIR``:
-``l2l_ray.train.commands.evaluate_run``. See docs/segmenter.md.
+``l2l_ray.commands.evaluate.evaluate_run``. See docs/segmenter.md.
 """
 
 from l2l_ray.train.fit import FitResult, fit_segmenter, load_checkpoint_state, tokenizer_for
