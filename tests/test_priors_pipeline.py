@@ -114,6 +114,23 @@ def test_load_priors_never_computes_and_says_what_to_run(tmp_path):
     assert sorted(load_priors(cfg, [0, 6, 7], allow_missing=True)) == [0]
 
 
+def test_default_cache_is_outside_the_data_and_names_the_former_folder(tmp_path, private_cache, capsys):
+    """The default cache is under $L2L_CACHE (conftest), keyed by data.root; a cache at the former default,
+    <data.root>/<dataset>/priors, is named (not silently recomputed) and reused with priors.cache_dir."""
+    cfg = Config()
+    cfg.data.root = str(tmp_path / "data")
+    assert cfg.priors_cache_dir.startswith(private_cache) and str(tmp_path) not in cfg.priors_cache_dir
+    old = tmp_path / "data" / cfg.data.dataset / "priors"
+    legacy = make_cfg(tmp_path)
+    legacy.data.root, legacy.priors.cache_dir = cfg.data.root, str(old)
+    compute_priors(legacy, requests(4), use_ray=False, backend_factory=HalfBoxBackend)
+    capsys.readouterr()
+    compute_priors(cfg, requests(4), use_ray=False, backend_factory=HalfBoxBackend)
+    assert f"priors.cache_dir={old}" in capsys.readouterr().err
+    again = compute_priors(legacy, requests(4), use_ray=False, backend_factory=HalfBoxBackend)
+    assert again["cached_before"] == 4 and again["quarantined_parts"] == 0
+
+
 def test_summary_counts_and_table():
     from l2l_ray.priors.quality import prior_quality
 

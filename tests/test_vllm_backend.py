@@ -113,15 +113,54 @@ def test_postprocess_parses_generated_text_into_a_cache_row(image_path):
 def test_processor_config_from_priors_config():
     pc = processor_config(cfg_for(tensor_parallel_size=2, concurrency=3, batch_size=8, accelerator_type="H100",
                                   max_model_len=4096))
-    assert pc.model_source == "Qwen/Qwen2.5-VL-7B-Instruct" and pc.batch_size == 8 and pc.concurrency == 3
+    assert pc.model_source == "Qwen/Qwen2.5-VL-7B-Instruct" and pc.batch_size == 8
+    assert pc.concurrency == (3, 3)  # a fixed pool of 3 engines (an int would be an autoscaling pool of 1..3)
+    assert pc.get_concurrency() == {"min_size": 3, "max_size": 3}
     assert pc.accelerator_type == "H100" and pc.should_continue_on_error is True
     assert pc.prepare_multimodal_stage == {"enabled": True}
     ek = pc.engine_kwargs
-    assert ek["tensor_parallel_size"] == 2 and ek["max_model_len"] == 4096 and ek["limit_mm_per_prompt"] == {"image": 1}
+    assert ek["tensor_parallel_size"] == 2 and ek["max_model_len"] == 4096
+    assert ek["limit_mm_per_prompt"] == {"image": 1, "video": 0}
     assert ek["mm_processor_kwargs"] == {"min_pixels": 3136, "max_pixels": 1003520}
-    assert "mm_processor_kwargs" not in processor_config(cfg_for(family="qwen3-vl")).engine_kwargs
     with pytest.raises(ConfigError, match="priors.model"):
         build_backend(cfg_for(model=""))
+
+
+@pytest.mark.parametrize("batch_size", [1, 16, 32, 128, 512])
+def test_enough_requests_in_flight_to_fill_an_engine(batch_size):
+    """batch_size x max_concurrent_batches >= 1024, vLLM's default max_num_seqs on H100-class GPUs (Ray's engine
+    stage warns below it), for any batch of 16 or more; the number of batches in flight stays bounded."""
+    pc = processor_config(cfg_for(batch_size=batch_size))
+    assert 8 <= pc.max_concurrent_batches <= 64
+    if batch_size >= 16:
+        assert pc.batch_size * pc.max_concurrent_batches >= 1024
+    if batch_size >= 128:
+        assert pc.max_concurrent_batches == 8  # Ray's default: large batches need no more
+
+
+def test_qwen3_vl_gets_a_pixel_limit_its_image_processor_applies(image_path):
+    """Qwen3-VL's bounds go in ``size`` (its image processor's keys, read by vLLM's profiling): parity with
+    transformers' processor. Our resized input passes through it unchanged, and the worst-case image costs
+    ~1k tokens instead of the 16k of the hub default (16384 * 32 * 32 pixels, twice max_model_len)."""
+    from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+    from l2l_ray.priors.parsing import smart_resize
+    from l2l_ray.priors.prompts import load_image, resize_for_model
+
+    cfg = cfg_for(family="qwen3-vl", model="Qwen/Qwen3-VL-8B-Instruct")
+    kwargs = processor_config(cfg).engine_kwargs["mm_processor_kwargs"]
+    assert kwargs == {"size": {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}}
+    proc = Qwen2VLImageProcessorPil(patch_size=16, merge_size=2, **kwargs)  # Qwen3-VL's: patch 16, factor 32
+    for image in (load_image(image_path), np.zeros((3000, 4000, 3), np.uint8)):
+        pil, (h, w) = resize_for_model(image, "qwen3-vl", cfg.min_pixels, cfg.max_pixels)
+        (grid,) = proc(images=[pil], return_tensors="np")["image_grid_thw"]
+        assert grid.tolist() == [1, h // 16, w // 16]  # the engine's resize is the identity
+
+    def max_image_tokens(longest_edge: int) -> int:  # vLLM's profiling: the largest image the bounds allow
+        h, w = smart_resize(9999999, 9999999, 32, cfg.min_pixels, longest_edge)
+        return h * w // (32 * 32)
+
+    assert max_image_tokens(cfg.max_pixels) <= 1024 < cfg.max_model_len < max_image_tokens(16384 * 32 * 32)
 
 
 # ---- Ray Data: the real Processor -------------------------------------------------------------------------------

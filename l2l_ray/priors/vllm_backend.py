@@ -3,19 +3,22 @@
     pip install -e '.[vllm]'         # ray[llm]==2.60.0, vllm==0.29.0 (GPU machines)
     RAY_ADDRESS=auto l2l priors --config configs/refcoco.yaml priors.backend=vllm \
         priors.model=Qwen/Qwen2.5-VL-7B-Instruct priors.family=qwen2.5-vl priors.concurrency=4 \
-        priors.tensor_parallel_size=1 priors.batch_size=16
+        priors.tensor_parallel_size=1 priors.batch_size=128 priors.accelerator_type=L4
 
 Dataflow (``process_dataset``): request rows (the ``PriorRequest`` fields) -> ``preprocess_row`` (image read and
 resized to the model input, chat messages with a data-URL image, per-row sampling params with
 ``structured_outputs={"json": schema}``) -> ray.data.llm stages (PrepareMultimodal, ChatTemplate, Tokenize,
 vLLMEngine, Detokenize) -> ``postprocess_row`` (``generated_text`` parsed into a prior, soft proposal, one cache row
-in ``cache.SCHEMA``). ``concurrency`` engine replicas; with ``tensor_parallel_size`` > 1 ray.data.llm gives each
-replica a placement group of that many GPU bundles. vllm and ray[llm] are imported only inside functions.
+in ``cache.SCHEMA``). A fixed pool of ``priors.concurrency`` engine replicas, each on ``tensor_parallel_size`` GPUs
+(ray.data.llm's rule, tensor x pipeline parallel: one GPU on the replica actor at TP 1, else a placement group of
+TP x {GPU: 1, CPU: 1} bundles; ``priors.num_gpus`` is not used here), on nodes of ``priors.accelerator_type`` when
+set. vllm and ray[llm] are imported only inside functions.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from functools import partial
 
 import numpy as np
@@ -34,6 +37,14 @@ from l2l_ray.priors.prompts import (
 from l2l_ray.records import Prior
 
 REQUEST_FIELDS = ("sent_id", "ref_id", "image_path", "width", "height", "sentence")
+# vLLM's largest default max_num_seqs (1024 on H100/H200-class GPUs, 256 on A100, L4, A10G). ray.data.llm sends an
+# engine max_concurrent_batches batches at once (8 by default), so with priors.batch_size=32 only 256 requests are in
+# flight and an H100 engine runs a quarter full (Ray's engine stage warns about it). We raise max_concurrent_batches
+# until batch_size x batches covers this (8 x 128, 32 x 32, 64 x 16), whatever batch size the config chose, up to
+# MAX_BATCHES_IN_FLIGHT (beyond it Ray's per-task overhead outweighs the gain: use priors.batch_size >= 16).
+# Recommended for vllm: priors.batch_size=128, 8 batches of 128 per engine (docs/priors.md).
+ENGINE_MAX_NUM_SEQS = 1024
+MAX_BATCHES_IN_FLIGHT = 64
 _SKIP_TEXT = "Reply with {}."  # stand-in prompt (blank image) for rows that failed before the engine; 1 token, ignored
 
 
@@ -41,17 +52,36 @@ def processor_config(cfg: PriorsConfig):
     """The ``vLLMEngineProcessorConfig`` for ``cfg`` (multimodal stage on, errors per row, not per batch)."""
     from ray.data.llm import vLLMEngineProcessorConfig
 
-    engine_kwargs = dict(max_model_len=cfg.max_model_len, limit_mm_per_prompt={"image": 1},
+    # video 0: we send one image per prompt and never a video, so vLLM need not profile (or budget for) a video.
+    engine_kwargs = dict(max_model_len=cfg.max_model_len, limit_mm_per_prompt={"image": 1, "video": 0},
                          tensor_parallel_size=max(1, cfg.tensor_parallel_size),
-                         gpu_memory_utilization=cfg.gpu_memory_utilization)
-    if cfg.family in ("qwen2-vl", "qwen2.5-vl"):
-        # The same bounds as our own resize (so the engine's resize is the identity) and a bounded worst-case image
-        # for vLLM's memory profiling (vLLM's Qwen2.5-VL example passes these too).
-        engine_kwargs["mm_processor_kwargs"] = {"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}
+                         gpu_memory_utilization=cfg.gpu_memory_utilization,
+                         mm_processor_kwargs=mm_processor_kwargs(cfg))
+    batch_size = max(1, cfg.batch_size)
+    n = max(1, cfg.concurrency)
     return vLLMEngineProcessorConfig(
-        model_source=cfg.model, engine_kwargs=engine_kwargs, batch_size=max(1, cfg.batch_size),
-        concurrency=max(1, cfg.concurrency), accelerator_type=cfg.accelerator_type or None,
+        model_source=cfg.model, engine_kwargs=engine_kwargs, batch_size=batch_size,
+        max_concurrent_batches=min(MAX_BATCHES_IN_FLIGHT, max(8, math.ceil(ENGINE_MAX_NUM_SEQS / batch_size))),
+        # (n, n): a fixed pool of n replicas; an int n would be an autoscaling pool of 1..n (ray.data.llm) that
+        # starts one engine and adds the others only as the queue grows, each after minutes of model loading.
+        concurrency=(n, n), accelerator_type=cfg.accelerator_type or None,
         prepare_multimodal_stage={"enabled": True}, should_continue_on_error=True)
+
+
+def mm_processor_kwargs(cfg: PriorsConfig) -> dict:
+    """The HF image processor bounds for the engine: the same as our own resize (``priors.min_pixels`` /
+    ``max_pixels``, so the engine's resize is the identity), and a bounded worst-case image for vLLM's memory
+    profiling. Without them vLLM profiles with the processor's own maximum: Qwen3-VL's is 16384 * 32 * 32 pixels,
+    ~16k image tokens, twice the default ``max_model_len``.
+
+    Qwen2/2.5-VL: ``min_pixels`` / ``max_pixels`` (what vLLM's Qwen2.5-VL example passes). Qwen3-VL: ``size``
+    (``shortest_edge`` / ``longest_edge``, in pixels), the keys of its image processor (transformers'
+    ``Qwen2VLImageProcessor`` with patch 16) and the ones vLLM's Qwen3-VL profiling reads
+    (``image_processor.size["longest_edge"]``); the flat pixel keys are deprecated there in transformers 5.
+    """
+    if cfg.family == "qwen3-vl":
+        return {"size": {"shortest_edge": cfg.min_pixels, "longest_edge": cfg.max_pixels}}
+    return {"min_pixels": cfg.min_pixels, "max_pixels": cfg.max_pixels}
 
 
 def preprocess_row(row: dict, cfg: PriorsConfig) -> dict:
