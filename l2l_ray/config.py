@@ -24,6 +24,15 @@ import yaml
 
 METHODS = ("supervised", "mean_teacher", "semires", "l2l")
 SYNTHETIC_DATASET = "synthref"
+# The registries' names, kept here as literals so this module imports nothing heavy; tests/test_config.py
+# checks each against its registry (l2l_ray.data.refer.SCHEMES, model.presets, priors.backends, ...).
+SPLIT_BYS = {"refcoco": ("unc", "google"), "refcoco+": ("unc", "google"), "refcocog": ("umd", "google"),
+             SYNTHETIC_DATASET: ("unc",)}  # dataset -> its REFER split schemes
+PRESETS = ("tiny", "lavt_swin_b", "convnext_b")
+PRIOR_BACKENDS = ("lexical", "hf", "openai", "vllm")
+MLLM_FAMILIES = ("qwen2-vl", "qwen2.5-vl", "qwen3-vl")
+PROMPT_VERSIONS = ("v1",)
+PROPOSAL_METHODS = ("grabcut", "box")
 
 
 class ConfigError(ValueError):
@@ -42,10 +51,10 @@ class DataConfig:
     synth_seed: int = 0
 
     def validate(self) -> None:
-        if not 0.0 < self.label_ratio <= 1.0:
-            raise ConfigError(f"data.label_ratio={self.label_ratio}: must be in (0, 1], e.g. 0.01 or 0.05")
-        if self.image_size < 32:
-            raise ConfigError(f"data.image_size={self.image_size}: must be >= 32")
+        if self.split_by not in SPLIT_BYS.get(self.dataset, ()):
+            schemes = ", ".join(f"{d}/{s}" for d, ss in SPLIT_BYS.items() for s in ss)
+            raise ConfigError(f"data.dataset={self.dataset!r} with data.split_by={self.split_by!r} is not a known "
+                              f"REFER scheme; choose one of {schemes}")
 
     @property
     def images(self) -> str:
@@ -99,8 +108,8 @@ class PriorsConfig:
     accelerator_type: str = ""  # vllm: Ray accelerator type, e.g. L4 or H100 ("" = any GPU)
 
     def validate(self) -> None:
-        if self.backend not in ("lexical", "hf", "openai", "vllm"):
-            raise ConfigError(_choice_msg("priors.backend", self.backend, ["lexical", "hf", "openai", "vllm"]))
+        if self.max_pixels < self.min_pixels:
+            raise ConfigError(f"priors.max_pixels={self.max_pixels}: must be >= priors.min_pixels={self.min_pixels}")
 
 
 @dataclass
@@ -188,17 +197,6 @@ class SemiConfig:
     semires_iou: float = 0.5  # SemiRES IOM: proposal replaces the teacher mask when IoU > this
     semires_pwa_var: float = 0.1  # SemiRES PWA: variance (not sigma) of N(p; 0.5, var), as in its code
 
-    def validate(self) -> None:
-        if not 0.5 <= self.threshold < 1.0:
-            raise ConfigError(f"semi.threshold={self.threshold}: must be in [0.5, 1), e.g. 0.9")
-        if not 0.0 <= self.selector_heldout < 1.0:
-            raise ConfigError(f"semi.selector_heldout={self.selector_heldout}: must be in [0, 1), e.g. 0.25")
-        if self.selector_pixel_stride not in (1, 2, 4, 8):
-            raise ConfigError(f"semi.selector_pixel_stride={self.selector_pixel_stride}: choose 1, 2, 4 or 8")
-        if self.teacher_actors < 0:
-            raise ConfigError(f"semi.teacher_actors={self.teacher_actors}: must be >= 0 (0 = teacher in the driver)")
-        if self.selector_workers < 1 or self.selector_minibatch < 1:
-            raise ConfigError("semi.selector_workers and semi.selector_minibatch must be >= 1")
 
 
 @dataclass
@@ -226,9 +224,12 @@ class ExperimentSection:
     out: str = "docs/results.md"
 
     def validate(self) -> None:
-        bad = [m for m in self.methods if m not in METHODS]
-        if bad:
-            raise ConfigError(_choice_msg("experiment.methods", bad[0], list(METHODS)))
+        for m in self.methods:
+            _check("experiment.methods", m, METHODS)
+        for ratio in self.label_ratios:
+            _check("experiment.label_ratios", ratio, RULES["data.label_ratio"])
+        for seed in self.seeds:
+            _check("experiment.seeds", seed, RULES["seed"])
         for name, overrides in self.ablations.items():
             if not re.fullmatch(r"[A-Za-z0-9_.-]+", str(name)) or name in METHODS:
                 raise ConfigError(f"experiment.ablations.{name}: use a new name of letters, digits, '_', '-' "
@@ -259,12 +260,19 @@ class Config:
     experiment: ExperimentSection = field(default_factory=ExperimentSection)
 
     def validate(self) -> Config:
-        if self.method not in METHODS:
-            raise ConfigError(_choice_msg("method", self.method, list(METHODS)))
+        """Check every key against ``RULES``, then the rules that tie keys together; ConfigError otherwise."""
+        for key, rule in RULES.items():
+            _check(key, _get(self, key), rule)
         for f in dataclasses.fields(self):
             section = getattr(self, f.name)
             if hasattr(section, "validate"):
                 section.validate()
+        if self.method != "supervised" and self.train.batch_size < 2:
+            raise ConfigError(f"train.batch_size={self.train.batch_size}: method {self.method} needs >= 2 "
+                              "(each step takes half labeled, half pseudo-labelled rows)")
+        if self.method == "l2l" and self.data.image_size % self.semi.selector_pixel_stride:
+            raise ConfigError(f"data.image_size={self.data.image_size} must be divisible by "
+                              f"semi.selector_pixel_stride={self.semi.selector_pixel_stride} (method l2l)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -296,6 +304,138 @@ def _choice_msg(key: str, value: Any, valid: list[str]) -> str:
     close = difflib.get_close_matches(str(value), valid, n=3, cutoff=0.3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     return f"{key}={value!r} is not valid: choose one of {', '.join(valid)}{hint}"
+
+
+# The allowed values of every numeric and enumerated key, checked when a config is loaded, so `l2l config`
+# refuses what `l2l train` would crash on later. A rule is a tuple of choices or a range: "> 0", ">= 1",
+# "[0, 1]", "(0, 1]", "[0.5, 1)". Rules that tie keys together are in the ``validate`` methods.
+RULES: dict[str, str | tuple] = {
+    "method": METHODS,
+    "seed": ">= 0",
+    "data.dataset": tuple(SPLIT_BYS),
+    "data.split_by": ("unc", "google", "umd"),
+    "data.label_ratio": "(0, 1]",
+    "data.image_size": ">= 32",
+    "data.synth_images": ">= 1",
+    "data.synth_seed": ">= 0",
+    "priors.backend": PRIOR_BACKENDS,
+    "priors.family": MLLM_FAMILIES,
+    "priors.prompt_version": PROMPT_VERSIONS,
+    "priors.timeout_s": "> 0",
+    "priors.max_retries": ">= 0",
+    "priors.concurrency": ">= 1",
+    "priors.batch_size": ">= 1",
+    "priors.num_gpus": ">= 0",
+    "priors.tensor_parallel_size": ">= 1",
+    "priors.max_tokens": ">= 1",
+    "priors.proposal_size": ">= 8",
+    "priors.proposal_method": PROPOSAL_METHODS,
+    "priors.proposal_grabcut_iters": ">= 1",
+    "priors.proposal_work_size": ">= 16",
+    "priors.proposal_blend": "[0, 1]",
+    "priors.proposal_softness": "> 0",
+    "priors.proposal_margin": ">= 0",
+    "priors.proposal_point_radius": "> 0",
+    "priors.proposal_point_boost": "[0, 1]",
+    "priors.lexical_work_size": ">= 16",
+    "priors.min_pixels": ">= 1",
+    "priors.max_pixels": ">= 1",
+    "priors.retry_backoff_s": ">= 0",
+    "priors.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "priors.max_model_len": ">= 1",
+    "priors.gpu_memory_utilization": "(0, 1]",
+    "model.preset": PRESETS,
+    "model.width": ">= 0",
+    "model.encoder_width": ">= 0",
+    "model.encoder_depth": ">= 0",
+    "model.text_width": ">= 0",
+    "model.text_layers": ">= 0",
+    "model.max_tokens": ">= 0",
+    "model.aux_weight": ">= 0",
+    "model.prior_residual": ">= 0",
+    "train.num_workers": ">= 0",
+    "train.cpus_per_worker": ">= 0",
+    "train.epochs": ">= 1",
+    "train.batch_size": ">= 1",
+    "train.lr": "> 0",
+    "train.weight_decay": ">= 0",
+    "train.max_failures": ">= -1",  # -1 = retry for ever (Ray Train's FailureConfig)
+    "train.eval_batch_size": ">= 1",
+    "train.num_threads": ">= 0",
+    "train.steps_per_epoch": ">= 0",
+    "train.warmup_steps": ">= 0",
+    "train.poly_power": ">= 0",
+    "train.grad_clip": ">= 0",
+    "train.log_every_s": ">= 0",
+    "train.inject_failure_epoch": ">= -1",  # -1 = off
+    "train.hflip": "[0, 1]",
+    "semi.rounds": ">= 0",
+    "semi.epochs_per_round": ">= 1",
+    "semi.unlabeled_per_round": ">= 0",
+    "semi.gallery_size": ">= 0",
+    "semi.ema": "[0, 1]",
+    "semi.threshold": "[0.5, 1)",
+    "semi.unlabeled_weight": ">= 0",
+    "semi.selector_lr": "> 0",
+    "semi.selector_workers": ">= 1",
+    "semi.reward_prior": ">= 0",
+    "semi.reward_consistency": ">= 0",
+    "semi.reward_progress": ">= 0",
+    "semi.reward_truth": ">= 0",
+    "semi.reward_wrong_pixel": ">= 0",
+    "semi.reject_iou": "[0, 1]",
+    "semi.selector_heldout": "[0, 1)",
+    "semi.selector_practice_steps": ">= 0",
+    "semi.selector_update_epochs": ">= 0",
+    "semi.selector_minibatch": ">= 1",
+    "semi.selector_max_update_pairs": ">= 1",
+    "semi.selector_entropy": ">= 0",
+    "semi.selector_pixel_coef": ">= 0",
+    "semi.selector_pixel_stride": (1, 2, 4, 8),
+    "semi.selector_hidden": ">= 4",
+    "semi.selector_cpus": ">= 0",
+    "semi.selector_threads": ">= 0",
+    "semi.teacher_actors": ">= 0",
+    "semi.teacher_cpus": ">= 0",
+    "semi.teacher_threads": ">= 0",
+    "semi.semires_iou": "[0, 1]",
+    "semi.semires_pwa_var": "> 0",
+    "tune.num_samples": ">= 1",
+    "tune.max_concurrent": ">= 1",
+    "tune.grace_period": ">= 1",
+    "tune.reduction_factor": ">= 2",
+    "tune.cpus_per_trial": "> 0",
+}
+_RANGE = re.compile(r"(?P<op>>=|>) (?P<lo>\S+)|(?P<left>[\[(])(?P<a>\S+), (?P<b>\S+)(?P<right>[\])])")
+
+
+def _in_range(value: float, rule: str) -> bool:
+    m = _RANGE.fullmatch(rule)
+    if m is None:
+        raise ValueError(f"bad range rule {rule!r}")  # a typo in RULES, not the user's fault
+    if m["op"]:
+        lo = float(m["lo"])
+        return value >= lo if m["op"] == ">=" else value > lo
+    a, b = float(m["a"]), float(m["b"])
+    above = value >= a if m["left"] == "[" else value > a
+    below = value <= b if m["right"] == "]" else value < b
+    return above and below
+
+
+def _check(key: str, value: Any, rule: str | tuple) -> None:
+    """ConfigError naming ``key``, ``value`` and the allowed range or choices when ``value`` breaks ``rule``."""
+    if isinstance(rule, tuple):
+        if value not in rule:
+            raise ConfigError(_choice_msg(key, value, [str(c) for c in rule]))
+    elif not _in_range(value, rule):
+        where = rule if rule[0] in "<>" else f"in {rule}"
+        raise ConfigError(f"{key}={value!r}: must be {where}")
+
+
+def _get(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def all_keys(obj: Any = None, prefix: str = "") -> list[str]:

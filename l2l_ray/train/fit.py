@@ -10,7 +10,8 @@ Folders: ``<run_dir>/tokenizer.json`` (shared by all stages), ``<run_dir>/checkp
 (Ray Train's storage: ``RunConfig(name=stage, storage_path=<run_dir>/checkpoints)``), or with a long-lived
 ``Learner`` (the driver's way) ``<run_dir>/checkpoints/learner/<stage>-epoch_NNNN/`` while it trains and
 ``.../<stage>/final/state.pt`` once it finished, ``.../<stage>/progress.log``,
-``.../<stage>/done.json`` once the stage finished, ``<run_dir>/checkpoints/latest.json`` (the last finished stage).
+``.../<stage>/done.json`` once the stage finished, ``<run_dir>/checkpoints/latest.json`` (the last finished stage);
+both record the checkpoint folder relative to ``<run_dir>``, so a moved or copied run folder uses its own.
 Re-running a stage with the same run folder resumes from its last checkpoint (or returns at once if done).
 """
 
@@ -202,10 +203,20 @@ def _fit_on_ray(cfg, spec: StageSpec, tables, init_state, pseudo) -> Path:
     return Path(result.checkpoint.path)
 
 
+def record_checkpoint(run_dir: str | Path, ckpt: str | Path) -> str:
+    """How done.json / latest.json record a checkpoint: its path relative to the run folder (so a moved or copied
+    folder still finds its own checkpoints), or absolute when it lies outside the folder."""
+    ckpt, run_dir = Path(ckpt).resolve(), Path(run_dir).resolve()
+    return ckpt.relative_to(run_dir).as_posix() if ckpt.is_relative_to(run_dir) else str(ckpt)
+
+
 def locate_checkpoint(stage_dir: str | Path, recorded: str) -> Path:
-    """A checkpoint path recorded in done.json / latest.json (absolute), or the folder of the same name under
-    ``stage_dir`` when the run folder has been moved or copied since."""
+    """The checkpoint folder a done.json / latest.json entry names. ``stage_dir`` is ``<run_dir>/checkpoints/<stage>``;
+    a relative entry is relative to ``<run_dir>``. An absolute entry (runs recorded before relative paths) is used
+    when it still holds a checkpoint, else the folder of the same name under ``stage_dir`` (a moved or copied run)."""
     p = Path(recorded)
+    if not p.is_absolute():
+        return Path(stage_dir).parent.parent / p
     return p if (p / STATE_FILE).is_file() else Path(stage_dir) / p.name
 
 
@@ -259,9 +270,9 @@ def fit_segmenter(cfg, run_dir, stage: str, data, priors: dict | None, epochs: i
             ensure_ray(cfg)
             ckpt = _fit_on_learner(learner, spec, tables, init_state, pseudo) if learner is not None else \
                 _fit_on_ray(cfg, spec, tables, init_state, pseudo)
-        atomic_write_json(stage_dir / DONE_FILE, {"epochs": epochs, "checkpoint": str(ckpt)})
+        atomic_write_json(stage_dir / DONE_FILE, {"epochs": epochs, "checkpoint": record_checkpoint(run_dir, ckpt)})
     state = torch.load(Path(ckpt) / STATE_FILE, map_location="cpu", weights_only=False)
     atomic_write_json(run_dir / CHECKPOINTS / LATEST_FILE,
-                      {"stage": stage, "checkpoint": str(ckpt), "priors": priors is not None})
+                      {"stage": stage, "checkpoint": record_checkpoint(run_dir, ckpt), "priors": priors is not None})
     out = {"student": state["student"], "teacher": state["teacher"], "tokenizer": tok.to_json()}
     return FitResult(_put(out), list(state["history"]), str(ckpt), stage, round(time.perf_counter() - t0, 3))
