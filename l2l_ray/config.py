@@ -96,6 +96,10 @@ class PriorsConfig:
     # Lexical prior (l2l_ray.priors.lexical):
     lexical_work_size: int = 128  # images are analysed on a square copy this many pixels wide
     include_eval: bool = True  # also make priors for labeled and evaluation samples
+    # Experiment knob (l2l_ray/priors/corrupt.py): this share of sentences gets a bad prior after loading (the prior
+    # of another ref of the same image, or "no prior" for corruption_drop of them); ids only, never a mask
+    corruption: float = 0.0
+    corruption_drop: float = 0.2
     # MLLM backends (hf / openai / vllm); see docs/priors.md
     min_pixels: int = 3136  # Qwen-VL smart_resize: min pixels of the model input (processor default 56*56)
     max_pixels: int = 1003520  # ... max pixels (1280*28*28); images are resized to this before they are sent
@@ -175,12 +179,14 @@ class SemiConfig:
     selector_workers: int = 1
     reward_prior: float = 1.0
     reward_consistency: float = 1.0
-    reward_progress: float = 1.0
+    reward_credit: float = 1.0  # held-out credit of the trusted labels (selection/rewards.py::credit_map)
     # --- selection (l2l_ray/selection; see docs/selection.md) ---
     reward_truth: float = 2.0  # IoU with the TRUE mask, only on held-out LABELED pairs (practice episodes)
     reward_wrong_pixel: float = 3.0  # pixel reward of trusting a wrong label is -this (a right one is +1)
     reject_iou: float = 0.3  # a rejected pair is paid as if its label had this IoU in every IoU term
-    selector_heldout: float = 0.25  # share of labeled images the driver keeps out of student training
+    selector_heldout: float = 0.25  # share of labeled images in each practice fold (round(1/this) folds)
+    practice_rotation: bool = True  # round r practises on fold r, every other stage trains on it (false: one fold
+    #                                 held out of every stage, the old way)
     selector_practice_steps: int = 60  # REINFORCE steps per round on the held-out labeled pairs
     selector_update_epochs: int = 1  # passes over a round's unlabeled episodes in the delayed update
     selector_minibatch: int = 64  # pairs per selector gradient step
@@ -221,11 +227,26 @@ class ExperimentSection:
     # {l2l_no_guidance: {method: l2l, model.guidance: false}} (a dict-valued leaf, like tune.space)
     ablations: dict = field(default_factory=dict)
     prior_row: bool = True  # also score the prior's proposal alone (no segmenter, no labels)
+    unguided: bool = True  # also every method (and the ceiling) with model.guidance=false: rows <method>_unguided
+    # Bad priors (priors.corruption): rows <row>_c<rate> for these rows (methods or ablations) at one label ratio
+    corruption_rates: list = field(default_factory=list)  # e.g. [0.25, 0.5]; rate 0 is the main grid's row
+    corruption_rows: list = field(default_factory=lambda: ["l2l", "l2l_no_rl", "semires", "mean_teacher"])
+    corruption_ratio: float = 0.05
+    corruption_seeds: list = field(default_factory=lambda: [0, 1])
     out: str = "docs/results.md"
 
     def validate(self) -> None:
         for m in self.methods:
             _check("experiment.methods", m, METHODS)
+        for rate in self.corruption_rates:
+            _check("experiment.corruption_rates", rate, "[0, 1]")
+        _check("experiment.corruption_ratio", self.corruption_ratio, "(0, 1]")
+        for seed in self.corruption_seeds:
+            _check("experiment.corruption_seeds", seed, RULES["seed"])
+        unknown = [r for r in self.corruption_rows if r not in self.methods and r not in self.ablations]
+        if self.corruption_rates and unknown:
+            raise ConfigError(f"experiment.corruption_rows: {unknown} are neither in experiment.methods nor in "
+                              "experiment.ablations; name rows of the grid, e.g. [l2l, l2l_no_rl, semires]")
         for ratio in self.label_ratios:
             _check("experiment.label_ratios", ratio, RULES["data.label_ratio"])
         for seed in self.seeds:
@@ -342,6 +363,8 @@ RULES: dict[str, str | tuple] = {
     "priors.max_pixels": ">= 1",
     "priors.retry_backoff_s": ">= 0",
     "priors.dtype": ("auto", "float32", "bfloat16", "float16"),
+    "priors.corruption": "[0, 1]",
+    "priors.corruption_drop": "[0, 1]",
     "priors.max_model_len": ">= 1",
     "priors.gpu_memory_utilization": "(0, 1]",
     "model.preset": PRESETS,
@@ -380,7 +403,7 @@ RULES: dict[str, str | tuple] = {
     "semi.selector_workers": ">= 1",
     "semi.reward_prior": ">= 0",
     "semi.reward_consistency": ">= 0",
-    "semi.reward_progress": ">= 0",
+    "semi.reward_credit": ">= 0",
     "semi.reward_truth": ">= 0",
     "semi.reward_wrong_pixel": ">= 0",
     "semi.reject_iou": "[0, 1]",
@@ -405,6 +428,7 @@ RULES: dict[str, str | tuple] = {
     "tune.grace_period": ">= 1",
     "tune.reduction_factor": ">= 2",
     "tune.cpus_per_trial": "> 0",
+    "experiment.corruption_ratio": "(0, 1]",
 }
 _RANGE = re.compile(r"(?P<op>>=|>) (?P<lo>\S+)|(?P<left>[\[(])(?P<a>\S+), (?P<b>\S+)(?P<right>[\])])")
 

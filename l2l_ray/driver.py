@@ -6,25 +6,61 @@
 
 The driver only calls the compute functions of the worker groups (Ray Train workers, the teacher,
 SelectorActors) and passes object refs between them. Resume: every stage (warm-up, each round) keeps
-its own Ray Train checkpoints, ``<run.dir>/rounds.json`` records finished rounds and
-``<run.dir>/selector.pt`` the selector, so re-running the same command continues where a killed run
-stopped.
+its own Ray Train checkpoints, ``<run.dir>/rounds.json`` records finished rounds and what the next round
+needs (``Carry``), ``<run.dir>/selector.pt`` the selector, so re-running the same command continues where a
+killed run stopped.
+
+The selector's practice slice (l2l with RL) rotates: the labeled images are cut into folds; round r practises on
+fold r on a teacher whose last stage did not train on it, and every other stage trains on it, so no labeled
+image is lost to the student (``semi.practice_rotation``; the last round trains on all of them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from l2l_ray import gallery
 from l2l_ray.config import Config
 from l2l_ray.io import atomic_write_json, read_json
+from l2l_ray.run_folder import claim_run_dir
+from l2l_ray.selection import Feedback, HeldOutTruth, build_candidates, select_for_method
+from l2l_ray.selection.rewards import iou
+from l2l_ray.setup import RunInputs, setup_run
 
 RoundCallback = Callable[[int, dict[str, Any]], None]
+
+
+@contextmanager
+def timed(log: dict[str, float], key: str) -> Iterator[None]:
+    """``with timed(t, "train_s"): ...`` -> t["train_s"] = the block's wall seconds."""
+    tic = time.perf_counter()
+    try:
+        yield
+    finally:
+        log[key] = time.perf_counter() - tic
+
+
+@dataclass
+class Carry:
+    """What one round hands the next (saved in rounds.json): the exploratory selection awaiting its rewards."""
+
+    pending_ids: np.ndarray | None = None  # int64 sent_ids of the last exploratory selection, in its order
+
+    def to_json(self) -> dict:
+        return {"pending_ids": None if self.pending_ids is None else self.pending_ids.tolist()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Carry:
+        ids = d.get("pending_ids")
+        return cls(None if ids is None else np.asarray(ids, np.int64))
 
 
 @dataclass
@@ -33,68 +69,68 @@ class RoundContext:
 
     cfg: Config
     run_dir: Path
-    data: Any  # DatasetBundle the student trains on (held-out labeled images removed for l2l)
-    full: Any  # the whole DatasetBundle (evaluation)
-    priors: dict | None  # sent_id -> Prior used in selection (None: uninformative everywhere)
-    guide: dict | None  # priors the segmenter sees as guidance (any method, with model.guidance)
-    pairs: list  # all unlabeled (UnlabeledSample, Sentence) pairs
-    heldout: list  # held-out labeled (LabeledSample, Sentence) pairs: the selector's practice set
+    inputs: RunInputs  # full data, priors (selection), guide (the segmenter's guidance)
+    pairs: list  # the unlabeled (UnlabeledSample, Sentence) pairs
+    folds: list[set]  # labeled image ids per practice fold (l2l with RL), else []
     selector: Any = None  # SelectorGroup (l2l with RL) or None
-    teacher: Any = None  # TeacherPool (semi.teacher_actors > 0) or None: teacher inference in this process
-    learner: Any = None  # Learner: the long-lived Ray Train run every stage trains on (None: in-process / per stage)
-    carry: dict = field(default_factory=dict)  # values handed to the next round (progress, held-out IoU)
+    teacher: Any = None  # TeacherPool (semi.teacher_actors > 0) or None
+    learner: Any = None  # Learner: the long-lived Ray Train run every stage trains on (None: per stage)
+    carry: Carry = field(default_factory=Carry)
 
 
 def run_round(r: int, ctx: RoundContext, state: Any) -> tuple[Any, dict[str, Any]]:
-    """One self-evolving round: teacher -> candidates -> selection -> student update -> evaluation."""
+    """One self-evolving round: teacher -> candidates -> (selector feedback, practice) -> selection -> student
+    update -> evaluation."""
     import ray
 
-    from l2l_ray.selection import Feedback, HeldOutTruth, build_candidates, progress_signal, select_for_method
     from l2l_ray.train import evaluate, fit_segmenter
 
-    cfg, t, out = ctx.cfg, {}, {"round": r}
-    tic = time.perf_counter()
-    pairs = _round_pairs(ctx, r)
-    cand = _candidates(ctx, state, pairs, build_candidates)  # 1-2. teacher (two views) -> candidates
-    t["teacher_and_candidates_s"] = time.perf_counter() - tic
-
-    tic = time.perf_counter()
-    if ctx.selector is not None:  # the selector learns from what it knows by now
-        cand_h = _candidates(ctx, state, ctx.heldout, build_candidates)
-        truth = HeldOutTruth.from_labeled([s for s, _ in ctx.heldout], cand_h.sent_ids, cfg.data.image_size)
-        iou_h = float(_iou(cand_h.teacher >= 128, truth.masks()).mean())
-        progress = progress_signal(1.0 - ctx.carry["heldout_iou"], 1.0 - iou_h) if "heldout_iou" in ctx.carry else None
-        if ctx.carry.get("pending_ids") is not None:  # reward last round's exploratory choices
-            if np.array_equal(cand.sent_ids, ctx.carry["pending_ids"]):
-                out.update(ctx.selector.feedback(Feedback(cand.sent_ids, cand.teacher, progress)))
-        out.update(ctx.selector.practice(cand_h, truth))
-        out["heldout_teacher_iou"], ctx.carry["heldout_iou"] = iou_h, iou_h
-    explore = r < cfg.semi.rounds
-    pseudo = select_for_method(cfg.method, cand, cfg, ctx.selector, explore=explore)  # 3. selection
-    ctx.carry["pending_ids"] = cand.sent_ids if (ctx.selector is not None and explore) else None
-    t["selection_s"] = time.perf_counter() - tic
+    cfg, guide, t, out = ctx.cfg, ctx.inputs.guide, {}, {"round": r}
+    with timed(t, "teacher_and_candidates_s"):
+        pairs = _round_pairs(ctx)
+        cand = _candidates(ctx, state, pairs)  # 1-2. teacher (two views) -> candidates
+    with timed(t, "selection_s"):
+        if ctx.selector is not None:  # the selector learns from what it knows by now
+            out.update(_selector_learns(ctx, r, state, pairs, cand))
+        explore = r < cfg.semi.rounds
+        pseudo = select_for_method(cfg.method, cand, cfg, ctx.selector, explore=explore)  # 3. selection
+        ctx.carry.pending_ids = cand.sent_ids if (ctx.selector is not None and explore) else None
     out.update(pseudo.stats)
-    out["trusted_pixel_share"] = pseudo.stats.get("trusted_share")
-    out["rejected_share"] = pseudo.stats.get("reject_share")
+    out["trusted_pixel_share"], out["rejected_share"] = pseudo.stats.get("trusted_share"), pseudo.stats.get(
+        "reject_share")
     out["reward"] = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith("reward/")}
     if "practice/greedy_truth_iou" in out:
         out["reward"]["labeled_iou"] = out["practice/greedy_truth_iou"]
     out["pseudo_iou_diag"] = _diagnostic_pseudo_iou(cfg, pseudo)
-
-    tic = time.perf_counter()
-    new_state = fit_segmenter(cfg, ctx.run_dir, f"round_{r}", ctx.data, ctx.guide,  # 4. student update
-                              cfg.semi.epochs_per_round, init_state=state.state_ref, pseudo=ray.put(pseudo),
-                              learner=ctx.learner)
-    t["train_s"] = time.perf_counter() - tic
-
-    tic = time.perf_counter()
-    out["val"] = evaluate(cfg, new_state.state_ref, ctx.full, ctx.guide, splits=["val"])["val"]  # 5. evaluation
-    t["eval_s"] = time.perf_counter() - tic
+    with timed(t, "train_s"):  # 4. student update
+        new_state = fit_segmenter(cfg, ctx.run_dir, f"round_{r}", _stage_data(ctx, r + 1), guide,
+                                  cfg.semi.epochs_per_round, init_state=state.state_ref, pseudo=ray.put(pseudo),
+                                  learner=ctx.learner)
+    with timed(t, "eval_s"):  # 5. evaluation
+        out["val"] = evaluate(cfg, new_state.state_ref, ctx.inputs.full, guide, splits=["val"])["val"]
     out["timing"] = {k: round(v, 2) for k, v in t.items()}
     return new_state, out
 
 
-def _round_pairs(ctx: RoundContext, r: int) -> list:
+def _selector_learns(ctx: RoundContext, r: int, state, pairs: list, cand) -> dict[str, Any]:
+    """Pay last round's exploratory choices (consistency with the updated teacher + held-out credit), then
+    practise on this round's fold of held-out LABELED pairs (true masks: legitimate supervision)."""
+    from l2l_ray.train.credit import alignment_maps
+
+    cfg, out = ctx.cfg, {}
+    held = _practice_pairs(ctx, r)
+    cand_h = _candidates(ctx, state, held)
+    truth = HeldOutTruth.from_labeled([s for s, _ in held], cand_h.sent_ids, cfg.data.image_size)
+    out["heldout_teacher_iou"] = float(iou(cand_h.teacher >= 128, truth.masks()).mean())
+    pending = ctx.carry.pending_ids
+    if pending is not None and np.array_equal(cand.sent_ids, pending):
+        align = alignment_maps(cfg, state.state_ref, pairs, ctx.inputs.guide, held, truth.masks())
+        out.update(ctx.selector.feedback(Feedback(cand.sent_ids, cand.teacher, align)))
+    out.update(ctx.selector.practice(cand_h, truth))
+    return out
+
+
+def _round_pairs(ctx: RoundContext) -> list:
     """A seeded subset of the unlabeled pairs (all when unlabeled_per_round is 0). The same pairs every round, so
     round r's teacher output is also round r-1's "prediction after the update" for the selector's reward."""
     k = ctx.cfg.semi.unlabeled_per_round
@@ -104,29 +140,15 @@ def _round_pairs(ctx: RoundContext, r: int) -> list:
     return [ctx.pairs[i] for i in np.sort(idx)]
 
 
-def _candidates(ctx: RoundContext, state, pairs: list, build_candidates):
+def _candidates(ctx: RoundContext, state, pairs: list):
     from l2l_ray.train import predict_samples
 
     cfg = ctx.cfg
-    t1, t2 = predict_samples(cfg, state.state_ref, "teacher", pairs, ctx.guide, pool=ctx.teacher,
+    t1, t2 = predict_samples(cfg, state.state_ref, "teacher", pairs, ctx.inputs.guide, pool=ctx.teacher,
                              two_views=True)  # plain + mirrored view in one batched pass
-    prior_list = [_prior_for(ctx.priors, s.sent_id, smp.ref_id) for smp, s in pairs]
+    prior_list = [gallery.prior_for(ctx.inputs.priors, s.sent_id, smp.ref_id) for smp, s in pairs]
     return build_candidates(t1, t2, prior_list, cfg.data.image_size,
                             sent_ids=[s.sent_id for _, s in pairs], ref_ids=[smp.ref_id for smp, _ in pairs])
-
-
-def _prior_for(priors: dict | None, sent_id: int, ref_id: int):
-    from l2l_ray.records import Prior
-
-    if priors is None:
-        return Prior(sent_id=sent_id, ref_id=ref_id, status="disabled")
-    return priors.get(sent_id) or Prior(sent_id=sent_id, ref_id=ref_id, status="model_error")
-
-
-def _iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    from l2l_ray.selection.rewards import iou
-
-    return iou(a.astype(bool), b.astype(bool))
 
 
 def _diagnostic_pseudo_iou(cfg: Config, pseudo) -> float | None:
@@ -144,30 +166,45 @@ def _diagnostic_pseudo_iou(cfg: Config, pseudo) -> float | None:
     truth = np.stack([load_mask_resized(decode_rle(r), s) if r is not None else np.zeros((s, s), bool)
                       for r in rles])  # resized as evaluate() resizes
     kept = (pseudo.weights.reshape(len(pseudo), -1).max(1) > 0) & np.array([r is not None for r in rles])
-    return float(_iou(pseudo.label_masks()[kept], truth[kept]).mean()) if kept.any() else None
+    return float(iou(pseudo.label_masks()[kept], truth[kept]).mean()) if kept.any() else None
 
 
-def _split_heldout(cfg: Config, data) -> tuple[Any, list]:
-    """Keep ``semi.selector_heldout`` of the labeled images out of student training (the selector's practice)."""
-    import dataclasses
-
+def practice_folds(cfg: Config, data) -> list[set]:
+    """Labeled image ids cut into round(1 / semi.selector_heldout) seeded folds (l2l with RL; [] otherwise).
+    Without ``semi.practice_rotation`` one fixed fold of that share is held out of every stage."""
+    if not (cfg.method == "l2l" and cfg.semi.use_rl) or cfg.semi.selector_heldout <= 0:
+        return []
     images = sorted({s.image_id for s in data.labeled})
-    n = int(round(cfg.semi.selector_heldout * len(images)))
-    if n == 0 or n >= len(images):
-        return data, [(s, sent) for s in data.labeled[:1] for sent in s.sentences]
-    held = set(np.random.default_rng(cfg.seed).choice(images, size=n, replace=False).tolist())
-    train = [s for s in data.labeled if s.image_id not in held]
-    heldout = [(s, sent) for s in data.labeled if s.image_id in held for sent in s.sentences]
-    return dataclasses.replace(data, labeled=train), heldout
+    k = max(2, int(round(1 / cfg.semi.selector_heldout)))
+    if len(images) < k:
+        return [set(images[:1])] if images else []  # too few images to spare: practise on one, seen by the student
+    order = np.random.default_rng(cfg.seed).permutation(images).tolist()
+    return [set(order[i::k]) for i in range(k)]
 
 
-def _priors(cfg: Config) -> dict | None:
-    if not cfg.semi.use_priors or not (cfg.method in ("semires", "l2l") or cfg.model.guidance):
-        return None  # priors serve selection (semires, l2l) and guidance (any method with model.guidance)
-    from l2l_ray.priors.pipeline import load_priors, run_priors
+def _fold(ctx: RoundContext, r: int) -> set:
+    """The labeled images round ``r`` practises on (r >= 1): fold (r - 1) mod K; the fixed fold 0 without rotation."""
+    if not ctx.folds:
+        return set()
+    return ctx.folds[(r - 1) % len(ctx.folds) if ctx.cfg.semi.practice_rotation else 0]
 
-    run_priors(cfg)  # computes only what the cache lacks
-    return load_priors(cfg, allow_missing=True)
+
+def _stage_data(ctx: RoundContext, next_round: int):
+    """The stage before round ``next_round`` trains on every labeled image but that round's practice fold (the
+    last round's update, with no practice after it, on all of them; without rotation the fixed fold is kept out)."""
+    last = next_round > ctx.cfg.semi.rounds
+    if not ctx.folds or (last and ctx.cfg.semi.practice_rotation and len(ctx.folds) > 1):
+        return ctx.inputs.full
+    held = _fold(ctx, next_round)
+    if len(ctx.folds) == 1:  # too few labeled images: the student keeps them all
+        return ctx.inputs.full
+    return dataclasses.replace(ctx.inputs.full, labeled=[s for s in ctx.inputs.full.labeled
+                                                         if s.image_id not in held])
+
+
+def _practice_pairs(ctx: RoundContext, r: int) -> list:
+    held = _fold(ctx, r)
+    return [(s, sent) for s in ctx.inputs.full.labeled if s.image_id in held for sent in s.sentences]
 
 
 def supervised_epochs(cfg: Config) -> int:
@@ -180,57 +217,51 @@ def supervised_epochs(cfg: Config) -> int:
 
 def run(cfg: Config, on_round: RoundCallback | None = None) -> dict[str, Any]:
     """Train ``cfg.method`` end to end; write ``<run.dir>/metrics.json``; return it."""
-    from l2l_ray.data import ensure_data, load_dataset
-    from l2l_ray.ray_utils import ensure_ray
+    with claim_run_dir(cfg) as folder:  # before Ray starts: one process per run folder, one config per folder
+        return _run(cfg, folder.path.resolve(), on_round or (lambda r, m: None))
+
+
+def _run(cfg: Config, run_dir: Path, on_round: RoundCallback) -> dict[str, Any]:
     from l2l_ray.train import evaluate, fit_segmenter
 
-    t0 = time.perf_counter()
-    on_round = on_round or (lambda r, m: None)
-    run_dir = Path(cfg.run.dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ensure_ray(cfg)
-    ensure_data(cfg)
-    full = load_dataset(cfg, run_dir)  # refuses a run folder made with another label split
+    t0, timing = time.perf_counter(), {}
+    inputs = setup_run(cfg, run_dir)
     cfg.save(run_dir / "config.yaml")  # only now: `l2l eval --run` must keep the config of the checkpoints
-    priors = _priors(cfg)
-    guide = priors if cfg.model.guidance else None  # guidance is the segmenter's, for every method
-    use_rl = cfg.method == "l2l" and cfg.semi.use_rl
-    data, heldout = _split_heldout(cfg, full) if use_rl else (full, [])
-    timing = {"setup_s": time.perf_counter() - t0}
-
-    tic = time.perf_counter()
-    stage = "warmup" if cfg.method != "supervised" else "supervised"
+    full, guide = inputs.full, inputs.guide
+    pairs = [(smp, s) for smp in full.unlabeled for s in smp.sentences]
+    ctx = RoundContext(cfg, run_dir, inputs, pairs, practice_folds(cfg, full))
+    timing["setup_s"] = time.perf_counter() - t0
     rounds: list[dict] = []
-    val0 = selector = teacher = None
-    learner = _learner(cfg, run_dir)
+    val0 = None
+    ctx.learner = _learner(cfg, run_dir)
     try:
-        state = fit_segmenter(cfg, run_dir, stage, data, guide, supervised_epochs(cfg), learner=learner)
-        timing["warmup_s"] = time.perf_counter() - tic
+        with timed(timing, "warmup_s"):
+            state = fit_segmenter(cfg, run_dir, "warmup" if cfg.method != "supervised" else "supervised",
+                                  _stage_data(ctx, 1), guide, supervised_epochs(cfg), learner=ctx.learner)
         if cfg.method != "supervised":
             val0 = evaluate(cfg, state.state_ref, full, guide, splits=["val"])["val"]
             on_round(0, {"round": 0, "val": val0})
-            selector = _selector(cfg, run_dir) if use_rl else None
-            teacher = _teacher_pool(cfg)
-            state, rounds = _rounds(cfg, run_dir, full, data, priors, guide, heldout, state, selector, teacher,
-                                    learner, on_round)
-
-        tic = time.perf_counter()
-        splits = evaluate(cfg, state.state_ref, full, guide)  # every split of the scheme
-        timing["final_eval_s"] = time.perf_counter() - tic
+            ctx.selector = _selector(cfg, run_dir) if ctx.folds else None
+            ctx.teacher = _teacher_pool(cfg)
+            state, rounds = _rounds(ctx, state, on_round)
+        with timed(timing, "final_eval_s"):
+            splits = evaluate(cfg, state.state_ref, full, guide)  # every split of the scheme
         if cfg.method == "supervised":
             on_round(0, {"round": 0, "val": splits["val"]})
-        _save_gallery(cfg, run_dir, full, priors, guide, state, selector)
+        gallery.save_run_gallery(cfg, run_dir, full, inputs.priors, guide, state, ctx.selector)
     finally:
-        for group in (selector, teacher):  # free the actors' CPUs for whatever runs next in this process
+        for group in (ctx.selector, ctx.teacher):  # free the actors' CPUs for whatever runs next in this process
             if group is not None:
                 group.shutdown()
-        if learner is not None:
-            learner.close()
+        if ctx.learner is not None:
+            ctx.learner.close()
     timing["total_s"] = time.perf_counter() - t0
-    metrics = {"method": cfg.method, "label_ratio": cfg.data.label_ratio, "seed": cfg.seed, "splits": splits,
+    metrics = {"method": cfg.method, "label_ratio": cfg.data.label_ratio, "seed": cfg.seed,
+               "guidance": bool(cfg.model.guidance), "splits": splits,
                "rounds": rounds, "timing": {k: round(v, 2) for k, v in timing.items()},
                "warmup_history": state.history if not rounds else None, "warmup_val": val0, "data": full.stats,
-               "heldout_pairs": len(heldout), "priors": None if priors is None else len(priors)}
+               "practice_folds": [len(f) for f in ctx.folds], "priors": None if inputs.priors is None else
+               len(inputs.priors), "prior_corruption": {"rate": cfg.priors.corruption, **inputs.prior_stats}}
     atomic_write_json(run_dir / "metrics.json", metrics)
     _log_tb(run_dir, rounds, splits, val0)
     print(_summary(metrics), flush=True)
@@ -239,7 +270,7 @@ def run(cfg: Config, on_round: RoundCallback | None = None) -> dict[str, Any]:
 
 def _selector(cfg: Config, run_dir: Path):
     """The SelectorGroup, restored from ``<run_dir>/selector.pt`` when a previous run left one (and run.resume)."""
-    from l2l_ray.selection.selector import SelectorGroup
+    from l2l_ray.selection.selector import SelectorGroup  # imports Ray and RLlib
 
     selector = SelectorGroup(cfg)
     if cfg.run.resume:
@@ -265,95 +296,34 @@ def _teacher_pool(cfg: Config):
     return TeacherPool(cfg)
 
 
-def _rounds(cfg, run_dir, full, data, priors, guide, heldout, state, selector, teacher, learner, on_round):
+def _rounds(ctx: RoundContext, state, on_round: RoundCallback):
     from l2l_ray.train import fit_segmenter
     from l2l_ray.train.fit import CHECKPOINTS, DONE_FILE
 
-    pairs = [(smp, s) for smp in data.unlabeled for s in smp.sentences]
+    cfg, run_dir = ctx.cfg, ctx.run_dir
     fresh = {"rounds": [], "carry": {}}
     saved = read_json(run_dir / "rounds.json", default=fresh) if cfg.run.resume else fresh  # resume=false: redo all
-    ctx = RoundContext(cfg, run_dir, data, full, priors, guide, pairs, heldout, selector, teacher, learner,
-                       _load_carry(saved))
-    rounds = list(saved["rounds"])[: cfg.semi.rounds]  # a rerun with fewer rounds stops at its own last one
+    ctx.carry = Carry.from_json(saved.get("carry", {}))
+    rounds = list(saved["rounds"])
     if rounds:  # finished before a restart: continue from the last finished round's checkpoint
         stage_dir = run_dir / CHECKPOINTS / f"round_{len(rounds)}"
         if not (stage_dir / DONE_FILE).is_file():
             raise FileNotFoundError(f"{run_dir / 'rounds.json'} lists round {len(rounds)} as finished but "
                                     f"{stage_dir / DONE_FILE} is missing; delete rounds.json and selector.pt "
                                     "there to redo the rounds, or use a new run.dir")
-        state = fit_segmenter(cfg, run_dir, f"round_{len(rounds)}", data, guide, cfg.semi.epochs_per_round,
-                              learner=learner)
+        state = fit_segmenter(cfg, run_dir, f"round_{len(rounds)}", _stage_data(ctx, len(rounds) + 1),
+                              ctx.inputs.guide, cfg.semi.epochs_per_round, learner=ctx.learner)
     for r in range(len(rounds) + 1, cfg.semi.rounds + 1):
         state, m = run_round(r, ctx, state)
         rounds.append(m)
-        if selector is not None:
-            selector.save(run_dir / "selector.pt")
-        atomic_write_json(run_dir / "rounds.json", {"rounds": rounds, "carry": _dump_carry(ctx.carry)})
+        if ctx.selector is not None:
+            ctx.selector.save(run_dir / "selector.pt")
+        atomic_write_json(run_dir / "rounds.json", {"rounds": rounds, "carry": ctx.carry.to_json()})
         print(f"[round {r}] val mIoU {m['val']['mIoU']:.4f} oIoU {m['val']['oIoU']:.4f} "
               f"trusted {m.get('trusted_share', float('nan')):.3f} pseudo IoU (diag) {m['pseudo_iou_diag']}",
               flush=True)
         on_round(r, m)
     return state, rounds
-
-
-def _load_carry(saved: dict) -> dict:
-    carry = dict(saved.get("carry", {}))
-    if carry.get("pending_ids") is not None:
-        carry["pending_ids"] = np.asarray(carry["pending_ids"], np.int64)
-    return carry
-
-
-def _dump_carry(carry: dict) -> dict:
-    return {k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in carry.items()}
-
-
-def _save_gallery(cfg, run_dir, full, priors, guide, state, selector=None) -> None:
-    """Fixed val pairs with prior, proposal, teacher, the pseudo-label the method would select (greedy; none for
-    supervised: all ignored), prediction, truth."""
-    from l2l_ray.data.images import load_image, load_mask_resized
-    from l2l_ray.report import save_gallery
-    from l2l_ray.selection import build_candidates, select_for_method
-    from l2l_ray.train import predict_samples
-
-    val = full.eval.get("val", [])[:: max(1, len(full.eval.get("val", [])) // max(cfg.semi.gallery_size, 1))]
-    val = val[: cfg.semi.gallery_size]
-    if not val:
-        return
-    s = cfg.data.image_size
-    pairs = [(e, _Sent(e.sent_id, e.sentence)) for e in val]
-    pred = predict_samples(cfg, state.state_ref, "student", pairs, guide)
-    teacher, flip = predict_samples(cfg, state.state_ref, "teacher", pairs, guide, two_views=True)
-    plist = [_prior_for(priors, e.sent_id, e.ref_id) for e in val]
-    cand = build_candidates(teacher, flip, plist, s, sent_ids=[e.sent_id for e in val], ref_ids=[e.ref_id for e in val])
-    use_rl = cfg.method == "l2l" and cfg.semi.use_rl
-    pl = select_for_method(cfg.method, cand, _no_rl(cfg) if use_rl and selector is None else cfg, selector,
-                           explore=False)  # None for supervised
-    pseudo = np.full((len(val), s, s), 128, np.uint8)  # 128 = ignored (not trained on)
-    if pl is not None:
-        rows = {int(i): k for k, i in enumerate(pl.sent_ids)}
-        labels, weights = pl.label_masks(), pl.weights
-        for k, e in enumerate(val):
-            if e.sent_id in rows:
-                j = rows[e.sent_id]
-                pseudo[k] = np.where(weights[j] > 0, np.where(labels[j], 255, 0), 128)
-    boxes = np.array([p.box if p.box is not None else (np.nan,) * 4 for p in plist], np.float32)
-    save_gallery(run_dir, np.stack([load_image(e.image_path, s) for e in val]), [e.sentence for e in val], boxes,
-                 np.stack([(p.soft_mask(s) * 255).astype(np.uint8) for p in plist]), teacher, pseudo,
-                 ((pred >= 128) * 255).astype(np.uint8),
-                 np.stack([load_mask_resized(e.mask(), s).astype(np.uint8) * 255 for e in val]))
-
-
-@dataclass(frozen=True)
-class _Sent:
-    sent_id: int
-    text: str
-
-
-def _no_rl(cfg: Config) -> Config:
-    """L2L's fixed rule on the same candidates (the gallery's fallback when no selector is at hand)."""
-    from l2l_ray.config import apply_overrides
-
-    return apply_overrides(cfg, {"semi.use_rl": False})
 
 
 def _log_tb(run_dir: Path, rounds: list[dict], splits: dict, val0: dict | None = None) -> None:

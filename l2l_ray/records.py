@@ -85,6 +85,7 @@ NO_PRIOR_REASONS = (
     "image_error",
     "model_error",
     "disabled",
+    "corrupted",  # l2l_ray.priors.corrupt (the priors.corruption experiment knob)
 )
 
 

@@ -154,13 +154,9 @@ def _trial_fn(base: dict[str, Any]):
 
 def _prepare_shared(cfg: Config) -> None:
     """Data and priors once, before the trials (they then read the cache: no Ray Data inside trials)."""
-    from l2l_ray.data import ensure_data
+    from l2l_ray.setup import prepare_inputs
 
-    ensure_data(cfg)
-    if cfg.method in ("semires", "l2l") and cfg.semi.use_priors:
-        from l2l_ray.priors.pipeline import run_priors
-
-        run_priors(cfg)
+    prepare_inputs(cfg)
 
 
 def _max_t(cfg: Config) -> int:

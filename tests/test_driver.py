@@ -22,8 +22,9 @@ import torch
 
 from l2l_ray import driver
 from l2l_ray.config import load_config
-from l2l_ray.data import DataError, ensure_data, load_dataset
+from l2l_ray.data import ensure_data, load_dataset
 from l2l_ray.data.refer import ReferDataset
+from l2l_ray.errors import UserError
 from l2l_ray.priors.base import PriorRequest
 from l2l_ray.records import LabeledSample, UnlabeledSample
 from l2l_ray.tb import read_scalars
@@ -94,7 +95,7 @@ def test_l2l_round_on_ray_then_rerun_resumes_without_retraining(tiny_root, tmp_p
     _check_split_metrics(m, m["data"]["eval_pairs"])
     assert set(m["warmup_val"]) == SPLIT_KEYS
     assert {"setup_s", "warmup_s", "final_eval_s", "total_s"} <= set(m["timing"])
-    assert m["heldout_pairs"] > 0 and m["priors"] > 0
+    assert m["practice_folds"] and sum(m["practice_folds"]) > 0 and m["priors"] > 0 and m["guidance"] is True
 
     (r1,) = m["rounds"]
     assert r1["round"] == 1 and r1["method"] == "l2l" and r1["explore"] is False  # the last round is greedy
@@ -127,15 +128,18 @@ def test_baselines_run_in_the_same_loop(tiny_root, tmp_path, method):
     assert m["method"] == method
     _check_split_metrics(m, m["data"]["eval_pairs"])
     assert not (tmp_path / "selector.pt").exists()
-    assert m["heldout_pairs"] == 0  # only L2L keeps labeled images back for its selector
+    assert m["practice_folds"] == []  # only L2L (with RL) practises a selector on labeled folds
+    assert m["guidance"] is True
     assert m["priors"] is not None  # model.guidance (on by default): every method's segmenter sees the prior
     gallery = np.load(tmp_path / "gallery.npz")
     assert gallery["pseudo"].shape == (2, 64, 64)
     if method == "supervised":
         assert m["rounds"] == [] and m["warmup_val"] is None
         assert (gallery["pseudo"] == 128).all()  # no pseudo-labels at all: every pixel "ignored"
-        with pytest.raises(DataError, match="label split"):  # same run folder, another label split
+        with pytest.raises(UserError, match="data.label_ratio"):  # same run folder, another label split
             driver.run(_cfg(tiny_root, tmp_path, f"method={method}", "train.num_workers=0", "data.label_ratio=0.5"))
+        with pytest.raises(UserError, match='method: "supervised" -> "semires"'):  # or another method
+            driver.run(_cfg(tiny_root, tmp_path, "method=semires", "train.num_workers=0"))
         assert load_config(tmp_path / "config.yaml").data.label_ratio == 0.25  # the checkpoints' config is kept
         return
     (r1,) = m["rounds"]
@@ -340,7 +344,8 @@ def test_pseudo_labels_never_read_a_hidden_mask(tiny_root, tmp_path, monkeypatch
             shutil.copy(tmp_path / "real" / "tokenizer.json", tmp_path / name / "tokenizer.json")
         spy = _Spy(monkeypatch, unlabeled)
         cfg = _cfg(root, tmp_path / name, "method=l2l", "train.num_workers=0", "semi.rounds=2",
-                   f"priors.cache_dir={base.priors_cache_dir}")  # priors are made from image + text only
+                   f"priors.cache_dir={base.priors_cache_dir}",  # priors are made from image + text only
+                   "priors.corruption=0.5")  # and corrupted from ids only: the hidden masks still cannot matter
         runs[name] = (driver.run(cfg), spy, torch.load(tmp_path / name / "selector.pt", weights_only=True))
         monkeypatch.undo()  # the next spy wraps the real functions again
     (m, spy, sel), (mh, spyh, selh) = runs["real"], runs["hidden"]
@@ -363,7 +368,9 @@ def test_pseudo_labels_never_read_a_hidden_mask(tiny_root, tmp_path, monkeypatch
     assert [strip(r) for r in m["rounds"]] == [strip(r) for r in mh["rounds"]]
     assert m["splits"] == mh["splits"]
     # round 2 paid round 1's exploratory choices: every reward term is logged
-    assert {"prior", "consistency", "progress", "total", "labeled_iou"} <= set(m["rounds"][1]["reward"])
+    assert {"prior", "consistency", "credit", "credit_std", "total", "labeled_iou"} <= set(m["rounds"][1]["reward"])
+    assert m["rounds"][1]["reward"]["credit_std"] > 0  # the credit differs from pair to pair
+    assert m["prior_corruption"]["corrupted_swapped"] + m["prior_corruption"]["corrupted_dropped"] > 0
     assert m["rounds"][0]["explore"] is True and m["rounds"][1]["selector/update_pairs"] > 0
     # ... while the diagnostic does see the hidden truth, and is the only reader of it
     assert [r["pseudo_iou_diag"] for r in m["rounds"]] != [r["pseudo_iou_diag"] for r in mh["rounds"]]

@@ -298,7 +298,7 @@ def test_killed_driver_rerun_resumes_at_the_same_round(ray_session, data_root, t
         assert [m["round"] for m in at_kill["rounds"]] == [1]
         last = _epochs_on_disk(r2_dir)[-1]  # round 2's last epoch checkpoint (0-based)
         sel_at_kill = _selector_counters(run / "selector.pt")
-        teacher = Path(json.loads((run / "checkpoints" / "round_1" / "done.json").read_text())["checkpoint"])
+        teacher = run / json.loads((run / "checkpoints" / "round_1" / "done.json").read_text())["checkpoint"]
         teacher_sha = _sha(teacher / "state.pt")
         logs = {s: _read(run / "checkpoints" / s / "progress.log") for s in ("warmup", "round_1", "round_2")}
 

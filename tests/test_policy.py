@@ -54,7 +54,7 @@ def two_discs(n: int, seed: int):
 
 def semi(**kw):
     base = {"selector_lr": 0.02, "selector_minibatch": 16, "selector_practice_steps": 20,
-            "reward_prior": 0.0, "reward_consistency": 0.0, "reward_progress": 0.0, "reward_truth": 1.0,
+            "reward_prior": 0.0, "reward_consistency": 0.0, "reward_credit": 0.0, "reward_truth": 1.0,
             "reject_iou": 0.0, "selector_hidden": 16}
     base.update(kw)
     return apply_overrides(Config(), {f"semi.{k}": v for k, v in base.items()}).semi

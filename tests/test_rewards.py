@@ -17,16 +17,16 @@ from l2l_ray.selection.rewards import (
     Feedback,
     HeldOutTruth,
     RewardWeights,
+    credit_map,
     iou,
     pair_reward_terms,
     pixel_trust_reward,
-    progress_signal,
     total_reward,
 )
 from l2l_ray.selection.rules import RULES
 
 S = 4
-W = RewardWeights(truth=2.0, prior=1.0, consistency=1.0, progress=1.0, wrong_pixel=3.0, reject_iou=0.3)
+W = RewardWeights(truth=2.0, prior=1.0, consistency=1.0, credit=1.0, wrong_pixel=3.0, reject_iou=0.3)
 
 
 def case():
@@ -40,45 +40,60 @@ def case():
     post[0, 3, 3] = 0.9  # post mask: 5 px
     truth = np.zeros((2, S, S), bool)
     truth[0, :2, :3] = True  # 6 px
-    return labels, np.array([False, True]), np.array([0.5, 0.0]), q, np.array([0.5, 0.8], np.float32), post, truth
+    trust = np.zeros((2, S, S), bool)
+    trust[0, :2] = True  # pair 0 trusts rows 0-1 (8 px); pair 1 (rejected) nothing
+    return labels, np.array([False, True]), trust, q, np.array([0.5, 0.8], np.float32), post, truth
 
 
-def test_iou_and_progress_signal():
+def align_map():
+    """Alignment 1 everywhere but -1 at pixel (0, 0) of pair 0."""
+    a = np.ones((2, S, S), np.float32)
+    a[0, 0, 0] = -1.0
+    return a
+
+
+def test_iou_and_credit_map():
     a = np.zeros((2, S, S), bool)
     b = np.zeros((2, S, S), bool)
     a[0, 0, :2] = True
     b[0, 0, 1:3] = True
     assert iou(a, b).tolist() == pytest.approx([1 / 3, 0.0])
     assert iou(a, b, empty=1.0)[1] == 1.0
-    assert progress_signal(2.0, 1.5) == pytest.approx(0.25)
-    assert progress_signal(1.0, 3.0) == -1.0  # clipped
-    assert progress_signal(float("nan"), 1.0) == 0.0
+    lab = np.array([[[True, False]]])
+    p = np.array([[[0.9, 0.0]]], np.float32)
+    # (p - label) * align: a label the model predicts already earns ~0, clipped at +-3
+    assert credit_map(lab, p, np.array([[[2.0, 5.0]]])).ravel().tolist() == pytest.approx([-0.2, 0.0])
+    assert credit_map(lab, np.array([[[0.0, 1.0]]]), np.array([[[10.0, 10.0]]])).tolist() == [[[-3.0, 3.0]]]
 
 
 def test_pair_reward_terms_by_hand():
-    labels, rejected, share, q, score, post, truth = case()
-    t = pair_reward_terms(labels, rejected, share, q, score, post, truth, progress=0.5, reject_iou=0.3)
+    labels, rejected, trust, q, score, post, truth = case()
+    t = pair_reward_terms(labels, rejected, trust, q, score, post, truth, align_map(), reject_iou=0.3)
     assert t["prior"].tolist() == pytest.approx([0.5 * 2 / 6, 0.8 * 0.3])  # IoU(label, row 0) = 2/6
     assert t["consistency"].tolist() == pytest.approx([4 / 5, 0.3])
     assert t["truth"].tolist() == pytest.approx([4 / 6, 0.3])
-    assert t["progress"].tolist() == pytest.approx([0.5 * 0.25, -0.5 * 0.25])  # shares 0.5, 0 -> mean 0.25
+    # credit over the 8 trusted px of pair 0: (0,0) (0.9-1)*-1 = +0.1, (0,1) (1,0) (1,1) -0.1 each, rest 0
+    assert t["credit"].tolist() == pytest.approx([-0.2 / 8, 0.0])  # a rejected pair earns no credit
     total = total_reward(t, W)
-    assert total[0] == pytest.approx(2 * 4 / 6 + 1 / 6 + 0.8 + 0.125)
-    assert total[1] == pytest.approx(2 * 0.3 + 0.24 + 0.3 - 0.125)
-    # unlabeled feedback has no truth term and no consistency without post-update predictions
-    t = pair_reward_terms(labels, rejected, share, q, score)
+    assert total[0] == pytest.approx(2 * 4 / 6 + 1 / 6 + 0.8 - 0.025)
+    assert total[1] == pytest.approx(2 * 0.3 + 0.24 + 0.3)
+    # every pixel trusted (trust=None): (3,3) label 0, p .9, align 1 adds +0.9 -> (0.9 - 0.2) / 16
+    t = pair_reward_terms(labels, rejected, None, q, score, post, None, align_map())
+    assert t["credit"][0] == pytest.approx(0.7 / 16)
+    # unlabeled feedback has no truth term and no consistency/credit without post-update predictions
+    t = pair_reward_terms(labels, rejected, trust, q, score)
     assert set(t) == {"prior"}
 
 
 def test_pixel_trust_reward_by_hand():
     labels, _, _, q, score, post, truth = case()
-    r = pixel_trust_reward(labels, q, score, W, post, truth, progress=0.5)
-    # (0,0): label 1, q 1, post .9, truth 1: 0.5*1 + (1 - 0.2) + 2*1 + 0.5
-    assert r[0, 0, 0] == pytest.approx(0.5 + 0.8 + 2.0 + 0.5)
-    # (3,3): label 0, q 0, post .9, truth 0: 0.5 + (1 - 1.8) + 2 + 0.5
-    assert r[0, 3, 3] == pytest.approx(0.5 - 0.8 + 2.0 + 0.5)
-    # (0,2): label 0, q 1, post 0, truth 1 (wrong): -0.5 + 1 - 2*3 + 0.5
-    assert r[0, 0, 2] == pytest.approx(-0.5 + 1.0 - 6.0 + 0.5)
+    r = pixel_trust_reward(labels, q, score, W, post, truth, align_map())
+    # (0,0): label 1, q 1, post .9, truth 1, align -1: 0.5*1 + (1 - 0.2) + 2*1 + (0.9-1)*-1
+    assert r[0, 0, 0] == pytest.approx(0.5 + 0.8 + 2.0 + 0.1)
+    # (3,3): label 0, q 0, post .9, truth 0, align 1: 0.5 + (1 - 1.8) + 2 + 0.9
+    assert r[0, 3, 3] == pytest.approx(0.5 - 0.8 + 2.0 + 0.9)
+    # (0,2): label 0, q 1, post 0, truth 1 (wrong): -0.5 + 1 - 2*3 + 0
+    assert r[0, 0, 2] == pytest.approx(-0.5 + 1.0 - 6.0)
     # no prior (score 0), no post, no truth: nothing to pay
     assert np.all(pixel_trust_reward(labels, q, np.zeros(2, np.float32), W)[1] == 0)
 
@@ -94,21 +109,21 @@ def two_pairs() -> CandidateBatch:
 
 def test_compute_rewards_matches_pure_terms():
     cand = two_pairs()
-    labels, rejected, share, q, score, post, truth = case()
+    labels, rejected, trust, q, score, post, truth = case()
     teacher_k = CANDIDATE_NAMES.index("teacher@0.5")
-    trust = np.zeros((2, S, S), bool)
-    trust[0, :2] = True  # share 0.5
     rec = ActionRecord(1, cand.sent_ids, np.array([teacher_k, 0]), pack_bits(labels), pack_bits(trust),
                        np.zeros(2, np.float32), True, S)
-    fb = Feedback(cand.sent_ids, (post * 255).round().astype(np.uint8), 0.5,
+    fb = Feedback(cand.sent_ids, (post * 255).round().astype(np.uint8), align_map().astype(np.float16),
                   HeldOutTruth.from_labeled_masks(cand.sent_ids, truth))
     rw = compute_rewards(cand, rec, fb, W)
     assert rw.terms["truth"].tolist() == pytest.approx([4 / 6, 0.3])
     assert rw.terms["prior"].tolist() == pytest.approx([0.5 * 2 / 6, 0.5 * 0.3])
-    assert rw.terms["progress"].tolist() == pytest.approx([0.125, -0.125])
+    d = 25 / 255  # post stored as 230/255: 1 - p = 25/255
+    assert rw.terms["credit"].tolist() == pytest.approx([(d - 3 * d) / 8, 0.0], abs=1e-6)
+    assert rw.stats["reward/credit_std"] == pytest.approx(np.std([(d - 3 * d) / 8, 0.0]), abs=1e-6)
     assert rw.stats["reward/truth"] == pytest.approx((4 / 6 + 0.3) / 2)
     pix = rw.pixel(cand, rec, np.arange(2))
-    assert pix[0, 0, 0] == pytest.approx(0.5 + (1 - 2 * 25 / 255) + 2.0 + 0.5)  # post stored as 230/255
+    assert pix[0, 0, 0] == pytest.approx(0.5 + (1 - 2 * d) + 2.0 + d, abs=1e-6)
     assert np.all(pix[1] == 0)  # rejected: zeros
     with pytest.raises(ValueError, match="sent_ids"):
         compute_rewards(cand, rec, Feedback(cand.sent_ids[::-1]), W)
@@ -118,7 +133,7 @@ def test_candidate_reward_table_truth_picks_the_right_candidate():
     cand = two_pairs()
     prop_k = CANDIDATE_NAMES.index("proposal")
     truth = cand.masks()[:, prop_k]
-    w = RewardWeights(truth=1.0, prior=0.0, consistency=0.0, progress=0.0, reject_iou=0.0)
+    w = RewardWeights(truth=1.0, prior=0.0, consistency=0.0, credit=0.0, reject_iou=0.0)
     table = candidate_reward_table(cand, Feedback(cand.sent_ids, truth=HeldOutTruth.from_labeled_masks(
         cand.sent_ids, truth)), w)
     assert table.shape == (2, len(CANDIDATE_NAMES))
@@ -175,3 +190,37 @@ def _cfg():
     from l2l_ray.config import Config
 
     return Config()
+
+
+def test_corruption_knob_never_reads_a_mask():
+    """priors.corruption swaps priors within an image / drops them using ids only: the records it is given
+    carry no mask (UnlabeledSample), and a LabeledSample whose mask would raise is never asked for it."""
+    from l2l_ray.priors.corrupt import CORRUPTED, corrupt_priors, sentence_refs
+
+    class NoMask(LabeledSample):
+        def mask(self):  # pragma: no cover - the point is that it is never called
+            raise AssertionError("the corruption knob read a mask")
+
+    sig = list(inspect.signature(corrupt_priors).parameters)
+    assert not [n for n in sig if any(b in n.lower() for b in ("mask", "truth", "target", "gt", "rle"))]
+    lab = NoMask(1, 7, "x.jpg", 16, 16, (Sentence(10, "left thing"),), {"size": [16, 16], "counts": "bad"})
+    samples = [lab, UnlabeledSample(2, 7, "x.jpg", 16, 16, (Sentence(20, "right thing"), Sentence(21, "the right"))),
+               UnlabeledSample(3, 8, "y.jpg", 16, 16, (Sentence(30, "alone"),))]
+    bundle = type("B", (), {"labeled": samples[:1], "unlabeled": samples[1:], "eval": {}})()
+    refs = sentence_refs(bundle)
+    assert sorted(refs) == [(7, 1, 10), (7, 2, 20), (7, 2, 21), (8, 3, 30)]
+    priors = {sid: Prior(sent_id=sid, ref_id=ref, box=(0.1 * ref, 0, 0.5, 0.5), score=0.9)
+              for _, ref, sid in refs}
+    same, stats = corrupt_priors(priors, refs, rate=0.0)
+    assert same == priors and sum(stats.values()) == 0
+    bad, stats = corrupt_priors(priors, refs, rate=1.0, drop_share=0.0, seed=3)
+    assert priors[10].box == (0.1, 0, 0.5, 0.5)  # the input is left as it was
+    # every sentence of image 7 now carries the prior of the OTHER ref of its image, under its own ids
+    assert bad[10].box == priors[20].box and (bad[10].sent_id, bad[10].ref_id) == (10, 1)
+    assert bad[20].box == priors[10].box and bad[21].box == priors[10].box and bad[21].ref_id == 2
+    assert bad[30].status == CORRUPTED and not bad[30].ok  # image 8 has one ref: nothing to swap with, dropped
+    assert stats == {"corrupted_swapped": 3, "corrupted_dropped": 1, "swap_impossible": 1}
+    dropped, stats = corrupt_priors(priors, refs, rate=1.0, drop_share=1.0)
+    assert all(p.status == CORRUPTED for p in dropped.values()) and stats["corrupted_dropped"] == 4
+    half, _ = corrupt_priors(priors, refs * 1, rate=0.5, seed=1)
+    assert half == corrupt_priors(priors, refs, rate=0.5, seed=1)[0]  # seeded: every method sees the same

@@ -13,11 +13,11 @@ from __future__ import annotations
 from l2l_ray.config import ConfigError
 from l2l_ray.records import PseudoLabelBatch
 from l2l_ray.selection.candidates import CANDIDATE_NAMES, CandidateBatch, build_candidates, concat_candidates
-from l2l_ray.selection.rewards import Feedback, HeldOutTruth, RewardWeights, progress_signal
+from l2l_ray.selection.rewards import Feedback, HeldOutTruth, RewardWeights, credit_map
 from l2l_ray.selection.rules import RULES
 
 __all__ = ["CANDIDATE_NAMES", "CandidateBatch", "Feedback", "HeldOutTruth", "RULES", "RewardWeights",
-           "build_candidates", "concat_candidates", "progress_signal", "select_for_method"]
+           "build_candidates", "concat_candidates", "credit_map", "select_for_method"]
 
 
 def select_for_method(method: str, cand: CandidateBatch, cfg, selector_group=None,

@@ -4,7 +4,7 @@
     sel.practice(cand_heldout, truth_heldout)          # REINFORCE on held-out LABELED pairs (truth reward)
     pl, record = sel.select(cand_unlabeled, explore=True)
     ...student update...
-    sel.feedback(Feedback(sent_ids, post_probs, progress))   # rewards of ``record`` -> policy update
+    sel.feedback(Feedback(sent_ids, post_probs, align))   # rewards of ``record`` -> policy update
 
 Update rule (docs/selection.md): REINFORCE with a learned value baseline (PPO-clipped when a batch is
 reused for several epochs; at one epoch the clipped surrogate equals REINFORCE) for the candidate head,
@@ -33,6 +33,7 @@ from l2l_ray.selection.rules import selection_stats
 
 _CHUNK = 128
 _CLIP = 0.2
+_PROPOSAL = CANDIDATE_NAMES.index("proposal")
 
 
 class Selector:
@@ -106,27 +107,37 @@ class Selector:
 
     # --- learning ---------------------------------------------------------------------------------
     def _step(self, cand: CandidateBatch, idx: np.ndarray, choice: np.ndarray, ret: np.ndarray, pix: np.ndarray,
-              logp_old: np.ndarray | None, sample: bool = False) -> dict:
+              logp_old: np.ndarray | None, sample: bool = False, full_table: bool = False) -> dict:
         """One gradient step on rows ``idx``. ``sample``: draw the candidates now (on-policy), else use ``choice``.
 
         ``ret``: callable(choice) -> (n,) returns if sample else array; ``pix``: likewise -> (n, S, S).
+        ``full_table`` (with ``sample``): ``ret(None)`` is the (n, K) reward of every candidate (held-out LABELED
+        pairs), and the candidate head follows the exact policy gradient sum_k grad(pi_k) * (r_k - V) instead of
+        a one-sample estimate; the trust head still learns on the sampled candidate.
         """
         self.module.train()
         obs = make_obs(cand, idx)
         out = self.module._forward({Columns.OBS: obs})
         logits, emb = out[Columns.ACTION_DIST_INPUTS], out[Columns.EMBEDDINGS]
+        table = None
         if sample:
             with self._own_rng():
                 choice = torch.distributions.Categorical(logits=logits.detach()).sample().numpy()
+            table = torch.from_numpy(np.asarray(ret(None), np.float32)) if full_table else None  # (n, K)
             ret, pix = ret(choice), pix(choice)
         a = torch.from_numpy(np.asarray(choice, np.int64))
         logp_all = torch.log_softmax(logits, -1)
         logp = logp_all.gather(1, a[:, None]).squeeze(1)
         value = self.module.compute_values({Columns.OBS: obs}, embeddings=emb)
         r = torch.from_numpy(np.asarray(ret, np.float32))
-        adv = r - value.detach()
-        ratio = torch.exp(logp - (logp.detach() if logp_old is None else torch.from_numpy(logp_old)))
-        pg = -torch.min(ratio * adv, ratio.clamp(1 - _CLIP, 1 + _CLIP) * adv).mean()
+        if table is not None:  # every candidate's reward is known: the exact gradient of the expected reward
+            pi = logp_all.exp()
+            r = (pi.detach() * table).sum(-1)  # (n,) expected return under the current policy
+            pg = -(pi * (table - value.detach()[:, None])).sum(-1).mean()
+        else:  # REINFORCE / PPO-clip on the sampled candidate
+            adv = r - value.detach()
+            ratio = torch.exp(logp - (logp.detach() if logp_old is None else torch.from_numpy(logp_old)))
+            pg = -torch.min(ratio * adv, ratio.clamp(1 - _CLIP, 1 + _CLIP) * adv).mean()
         entropy = -(logp_all.exp() * logp_all).sum(-1).mean()
         v_loss = 0.5 * ((value - r) ** 2).mean()
         kept = a != REJECT
@@ -182,7 +193,8 @@ class Selector:
         steps = self.semi.selector_practice_steps if steps is None else steps
         if len(cand) == 0 or steps <= 0:
             return {"practice/steps": 0.0}
-        before = {f"{k}_before": v for k, v in self.evaluate(cand, truth).items() if "greedy" in k}
+        # before practice = out of sample for this slice: the honest overrule diagnostic
+        before = {f"{k}_before": v for k, v in self.evaluate(cand, truth).items() if "greedy" in k or "overrule" in k}
         fb = Feedback(cand.sent_ids, truth=truth)
         table = candidate_reward_table(cand, fb, self.weights)  # (n, K)
         q, t = dequantize(cand.proposal), truth.masks()
@@ -195,7 +207,10 @@ class Selector:
                                        truth=t[mb])
                 return np.where((choice != REJECT)[:, None, None], r, 0.0).astype(np.float32)
 
-            log = self._step(cand, mb, None, lambda c, mb=mb: table[mb, c], pix, None, sample=True)
+            def ret(c, mb=mb):
+                return table[mb] if c is None else table[mb, c]
+
+            log = self._step(cand, mb, None, ret, pix, None, sample=True, full_table=True)
             rets.append(log["return"])
         stats = {"practice/steps": float(steps), "practice/return_first": float(np.mean(rets[:5])),
                  "practice/return_last": float(np.mean(rets[-5:]))}
@@ -210,7 +225,16 @@ class Selector:
         masks = cand.masks()
         oracle = np.max([iou(masks[:, k], t) for k in range(1, masks.shape[1])], 0)
         right = (labels == t) & trust
-        return {"practice/greedy_truth_iou": float(iou(labels, t)[kept].mean()) if kept.any() else 0.0,
+        # overrule: a kept label that is not the prior's region (IoU with the proposal < 0.5) where there is a prior;
+        # right when the label is closer to the truth than the proposal is
+        prop = masks[:, _PROPOSAL]
+        overrule = kept & cand.prior_ok & (iou(labels, prop) < 0.5)
+        better = iou(labels, t) > iou(prop, t)
+        with_prior = max(int(cand.prior_ok.sum()), 1)
+        return {"practice/overrule_share": float(overrule.sum() / with_prior),
+                "practice/overrule_right": float(better[overrule].mean()) if overrule.any() else None,
+                "practice/prior_wrong_share": float(((iou(prop, t) < 0.5) & cand.prior_ok).sum() / with_prior),
+                "practice/greedy_truth_iou": float(iou(labels, t)[kept].mean()) if kept.any() else 0.0,
                 "practice/oracle_truth_iou": float(oracle.mean()),
                 "practice/teacher_truth_iou": float(iou(masks[:, 2], t).mean()),
                 "practice/reject_share": float(1 - kept.mean()),

@@ -1,7 +1,7 @@
 """One-step selection episodes: what the selector did (``ActionRecord``) and what it earned (``Rewards``).
 
 Pure numpy (no Ray, no torch). ``compute_rewards`` turns a round's ``Feedback`` (post-update predictions,
-learning progress, and, for held-out LABELED pairs only, their true masks) into per-pair reward terms.
+the held-out credit alignment, and, for held-out LABELED pairs only, their true masks) into per-pair reward terms.
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from l2l_ray.selection.candidates import CANDIDATE_NAMES, REJECT, CandidateBatch
 from l2l_ray.selection.rewards import (
     Feedback,
     RewardWeights,
+    feedback_arrays,
     pair_reward_terms,
     pixel_trust_reward,
-    progress_credit,
     summarize_terms,
     total_reward,
 )
@@ -68,10 +68,9 @@ class Rewards:
         """float32 (n, S, S) reward of trusting each pixel of rows ``idx`` (rejected rows: zeros)."""
         labels = record.labels(idx)
         fb = self.feedback.slice(idx)
-        post = None if fb.post_probs is None else dequantize(fb.post_probs)
-        truth = None if fb.truth is None else fb.truth.masks()
+        post, truth, align = feedback_arrays(fb)
         r = pixel_trust_reward(labels, dequantize(cand.proposal[idx]), cand.prior_score[idx], self.weights,
-                               post, truth, fb.progress)
+                               post, truth, align)
         return np.where((record.cand[idx] != REJECT)[:, None, None], r, 0.0).astype(np.float32)
 
 
@@ -95,32 +94,18 @@ def compute_rewards(cand: CandidateBatch, record: ActionRecord, fb: Feedback, w:
     terms: dict[str, list] = {}
     for a in range(0, len(cand), _CHUNK):
         sl = slice(a, a + _CHUNK)
-        sub = fb.slice(sl)
-        labels = record.labels(sl)
-        share = record.trust(sl).mean((1, 2))
-        t = pair_reward_terms(labels, record.cand[sl] == REJECT, share, dequantize(cand.proposal[sl]),
-                              cand.prior_score[sl], None if sub.post_probs is None else dequantize(sub.post_probs),
-                              None if sub.truth is None else sub.truth.masks(), None, w.reject_iou)
+        post, truth, align = feedback_arrays(fb.slice(sl))
+        t = pair_reward_terms(record.labels(sl), record.cand[sl] == REJECT, record.trust(sl),
+                              dequantize(cand.proposal[sl]), cand.prior_score[sl], post, truth, align, w.reject_iou)
         for k, v in t.items():
             terms.setdefault(k, []).append(v)
     out = {k: np.concatenate(v) for k, v in terms.items()}
-    if fb.progress is not None:  # credited by trusted share relative to the round mean (needs all pairs)
-        out["progress"] = progress_credit(fb.progress, unpack_share(record), record.cand == REJECT)
     total = total_reward(out, w)
-    stats = summarize_terms(out, total)
-    if fb.progress is not None:
-        stats["reward/progress_scalar"] = float(fb.progress)
-    return Rewards(total, out, fb, w, stats)
-
-
-def unpack_share(record: ActionRecord) -> np.ndarray:
-    """float32 (N,) share of each pair's pixels trusted, counted from the packed bits."""
-    bits = np.unpackbits(record.trust_bits, axis=1, count=record.size * record.size)
-    return bits.mean(1).astype(np.float32)
+    return Rewards(total, out, fb, w, summarize_terms(out, total))
 
 
 def candidate_reward_table(cand: CandidateBatch, fb: Feedback, w: RewardWeights) -> np.ndarray:
-    """float32 (N, K): the pair reward every candidate would have earned (progress excluded).
+    """float32 (N, K): the pair reward every candidate would have earned, every pixel trusted.
 
     Used on held-out LABELED pairs, where the truth makes each candidate's reward computable at once.
     """
@@ -133,10 +118,9 @@ def candidate_reward_table(cand: CandidateBatch, fb: Feedback, w: RewardWeights)
         c, s = len(m), cand.size
         sub = fb.slice(sl)
         rep = lambda x: None if x is None else np.repeat(x, k, 0)  # noqa: E731
-        post = None if sub.post_probs is None else dequantize(sub.post_probs)
-        truth = None if sub.truth is None else sub.truth.masks()
-        t = pair_reward_terms(m.reshape(c * k, s, s), np.tile(np.arange(k) == REJECT, c), np.ones(c * k),
+        post, truth, align = feedback_arrays(sub)
+        t = pair_reward_terms(m.reshape(c * k, s, s), np.tile(np.arange(k) == REJECT, c), None,
                               rep(dequantize(cand.proposal[sl])), rep(cand.prior_score[sl]), rep(post), rep(truth),
-                              None, w.reject_iou)
+                              rep(align), w.reject_iou)
         table[sl] = total_reward(t, w).reshape(c, k)
     return table

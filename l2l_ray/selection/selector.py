@@ -4,7 +4,7 @@
     group.load(run_dir / "selector.pt")              # resume (no-op if the file is missing)
     group.practice(cand_heldout, truth_heldout)      # held-out LABELED pairs
     pl = group.select(cand_unlabeled, explore=True)  # PseudoLabelBatch; actions stay on the actors
-    group.feedback(Feedback(sent_ids, post_probs, progress))   # next round, before practice
+    group.feedback(Feedback(sent_ids, post_probs, align))   # next round, before practice
     group.save(run_dir / "selector.pt")
 
 Candidate batches are pre-sliced (one contiguous slice per actor, ``ray.put`` once per slice); every
