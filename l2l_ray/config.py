@@ -188,6 +188,8 @@ class SemiConfig:
     practice_rotation: bool = True  # round r practises on fold r, every other stage trains on it (false: one fold
     #                                 held out of every stage, the old way)
     selector_practice_steps: int = 60  # REINFORCE steps per round on the held-out labeled pairs
+    explore_share: float = 0.3  # exploring rounds: this share of pairs acts by a policy sample (the update's
+    #                             episodes), the rest greedily (1.0 = all sampled)
     selector_update_epochs: int = 1  # passes over a round's unlabeled episodes in the delayed update
     selector_minibatch: int = 64  # pairs per selector gradient step
     selector_max_update_pairs: int = 1024  # subsample of a round's unlabeled episodes used for the update
@@ -223,6 +225,7 @@ class ExperimentSection:
     label_ratios: list = field(default_factory=lambda: [0.01, 0.05])
     seeds: list = field(default_factory=lambda: [0, 1])
     ceiling: bool = True  # also run supervised at label_ratio 1.0 (per seed)
+    ceiling_seeds: list = field(default_factory=list)  # seeds of the ceiling runs ([] = experiment.seeds)
     # name -> {dotted key: value}: extra rows, each run like `methods` at every ratio and seed, e.g.
     # {l2l_no_guidance: {method: l2l, model.guidance: false}} (a dict-valued leaf, like tune.space)
     ablations: dict = field(default_factory=dict)
@@ -243,6 +246,8 @@ class ExperimentSection:
         _check("experiment.corruption_ratio", self.corruption_ratio, "(0, 1]")
         for seed in self.corruption_seeds:
             _check("experiment.corruption_seeds", seed, RULES["seed"])
+        for seed in self.ceiling_seeds:
+            _check("experiment.ceiling_seeds", seed, RULES["seed"])
         unknown = [r for r in self.corruption_rows if r not in self.methods and r not in self.ablations]
         if self.corruption_rates and unknown:
             raise ConfigError(f"experiment.corruption_rows: {unknown} are neither in experiment.methods nor in "
@@ -409,6 +414,7 @@ RULES: dict[str, str | tuple] = {
     "semi.reject_iou": "[0, 1]",
     "semi.selector_heldout": "[0, 1)",
     "semi.selector_practice_steps": ">= 0",
+    "semi.explore_share": "[0, 1]",
     "semi.selector_update_epochs": ">= 0",
     "semi.selector_minibatch": ">= 1",
     "semi.selector_max_update_pairs": ">= 1",

@@ -42,7 +42,7 @@ def planned_runs(cfg: Config) -> list[dict[str, Any]]:
         ceil = [("supervised", {"method": "supervised"})]
         ceil += [("supervised_unguided", {"method": "supervised", "model.guidance": False})] if ex.unguided else []
         runs += [{"row": name, "data.label_ratio": 1.0, "seed": int(s), "overrides": ov}
-                 for name, ov in ceil for s in ex.seeds]
+                 for name, ov in ceil for s in (ex.ceiling_seeds or ex.seeds)]
     if ex.prior_row:  # no training, no labels: seed and ratio do not matter
         runs.append({"row": PRIOR_ROW, "data.label_ratio": 1.0, "seed": 0, "overrides": {}})
     for rate in ex.corruption_rates:

@@ -58,21 +58,23 @@ def prepare_inputs(cfg: Config, priors: bool | None = None) -> None:
 
 
 def setup_run(cfg: Config, run_dir: str | Path | None = None, priors: bool | None = None) -> RunInputs:
-    """Ray started, ``prepare_inputs``, the dataset loaded (label split checked against ``run_dir``'s), priors
-    loaded and, with ``priors.corruption`` > 0, corrupted (``l2l_ray.priors.corrupt``: ids only)."""
-    from l2l_ray.data import load_dataset
+    """The data written/checked and loaded (label split checked against ``run_dir``'s, every image decoded) before
+    Ray starts; then Ray, the priors cache filled and loaded and, with ``priors.corruption`` > 0, corrupted
+    (``l2l_ray.priors.corrupt``: ids only). ``priors``: as in ``prepare_inputs``."""
+    from l2l_ray.data import ensure_data, load_dataset
     from l2l_ray.ray_utils import ensure_ray
 
-    ensure_ray(cfg)
-    want = needs_priors(cfg) if priors is None else priors
-    prepare_inputs(cfg, want)
+    ensure_data(cfg)
     full = load_dataset(cfg, run_dir)  # refuses a run folder made with another label split
     _check_images(full)
+    ensure_ray(cfg)
+    want = needs_priors(cfg) if priors is None else priors
     loaded, stats = None, {}
     if want:
         from l2l_ray.priors.corrupt import corrupt_priors, sentence_refs
-        from l2l_ray.priors.pipeline import load_priors
+        from l2l_ray.priors.pipeline import load_priors, run_priors
 
+        run_priors(cfg)  # computes only what the cache lacks
         loaded = load_priors(cfg, allow_missing=True)
         if cfg.priors.corruption > 0:
             loaded, stats = corrupt_priors(loaded, sentence_refs(full), cfg.priors.corruption,

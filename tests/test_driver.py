@@ -24,7 +24,7 @@ from l2l_ray import driver
 from l2l_ray.config import load_config
 from l2l_ray.data import ensure_data, load_dataset
 from l2l_ray.data.refer import ReferDataset
-from l2l_ray.errors import UserError
+from l2l_ray.errors import DataError, UserError
 from l2l_ray.priors.base import PriorRequest
 from l2l_ray.records import LabeledSample, UnlabeledSample
 from l2l_ray.tb import read_scalars
@@ -376,3 +376,16 @@ def test_pseudo_labels_never_read_a_hidden_mask(tiny_root, tmp_path, monkeypatch
     assert [r["pseudo_iou_diag"] for r in m["rounds"]] != [r["pseudo_iou_diag"] for r in mh["rounds"]]
     for s in (spy, spyh):
         assert s.truth_reads and all(inside for _, inside in s.truth_reads)
+
+
+def test_corrupt_image_is_refused_before_ray_and_training(tiny_root, tmp_path):
+    """A truncated image is named, with what to do, before any training (it used to surface after the warm-up)."""
+    root = tmp_path / "data"
+    shutil.copytree(tiny_root, root, ignore=shutil.ignore_patterns("priors"))
+    bad = sorted((root / "synthref" / "images").glob("*"))[3]
+    bad.write_bytes(bad.read_bytes()[:40])  # a cut-short file
+    run_dir = tmp_path / "run"
+    with pytest.raises(DataError, match=bad.name) as e:
+        driver.run(_cfg(str(root), run_dir, "method=supervised", "train.num_workers=0"))
+    assert "intact copy" in str(e.value)
+    assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.json").exists()

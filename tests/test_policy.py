@@ -55,7 +55,7 @@ def two_discs(n: int, seed: int):
 def semi(**kw):
     base = {"selector_lr": 0.02, "selector_minibatch": 16, "selector_practice_steps": 20,
             "reward_prior": 0.0, "reward_consistency": 0.0, "reward_credit": 0.0, "reward_truth": 1.0,
-            "reject_iou": 0.0, "selector_hidden": 16}
+            "reject_iou": 0.0, "selector_hidden": 16, "explore_share": 1.0}
     base.update(kw)
     return apply_overrides(Config(), {f"semi.{k}": v for k, v in base.items()}).semi
 
@@ -104,6 +104,18 @@ def test_select_outputs_the_chosen_labels_and_trust():
     assert pl.stats["n_pairs"] == 6
     assert sum(v for k, v in pl.stats.items() if k.startswith("cand_share/")) == pytest.approx(1.0)
     assert select_for_method("l2l", cand, Config(), sel, explore=False).stats["explore"] is False
+
+
+def test_explore_share_samples_some_pairs_and_learns_from_those_only():
+    cand, truth = two_discs(40, 4)
+    sel = Selector(semi(explore_share=0.25), S, seed=0)
+    greedy = sel.act(cand, explore=False)
+    rec = sel.act(cand, explore=True)
+    assert rec.sampled is not None and 0 < rec.sampled.sum() < len(cand)  # about a quarter of 40
+    assert np.array_equal(rec.cand[~rec.sampled], greedy.cand[~rec.sampled])  # the rest act greedily
+    sel.select(cand, explore=True)
+    stats = sel.feedback(Feedback(cand.sent_ids, truth=HeldOutTruth.from_labeled_masks(cand.sent_ids, truth)))
+    assert 0 < stats["selector/update_pairs"] < len(cand)  # the update saw the sampled rows only
 
 
 def test_feedback_update_raises_the_paid_candidate(tmp_path):

@@ -34,7 +34,8 @@ def two_discs(n: int, seed: int):
 def cfg() -> Config:
     semi = {"selector_lr": 0.03, "selector_minibatch": 8, "selector_update_epochs": 2, "selector_hidden": 16,
             "reward_prior": 0.0, "reward_consistency": 0.0, "reward_credit": 0.0, "reward_truth": 1.0,
-            "reject_iou": 0.0, "selector_cpus": 0.25, "selector_threads": 1, "selector_practice_steps": 5}
+            "reject_iou": 0.0, "selector_cpus": 0.25, "selector_threads": 1, "selector_practice_steps": 5,
+            "explore_share": 1.0}
     return apply_overrides(Config(), {"data.image_size": S, **{f"semi.{k}": v for k, v in semi.items()}})
 
 

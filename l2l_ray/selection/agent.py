@@ -15,6 +15,7 @@ plus an entropy bonus; the per-pixel trust head maximises the expected pixel rew
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 
@@ -66,22 +67,31 @@ class Selector:
     def act(self, cand: CandidateBatch, explore: bool) -> ActionRecord:
         """Choose a candidate and per-pixel trust for every pair (sampled if ``explore``, else greedy)."""
         self.module.eval()
-        choice, logp, labels, trusts = [], [], [], []
+        choice, logp, labels, trusts, sampled = [], [], [], [], []
         for a in range(0, len(cand), _CHUNK):
             obs = make_obs(cand, slice(a, a + _CHUNK))
-            with self._own_rng():
-                out = (self.module.forward_exploration if explore else self.module.forward_inference)(
-                    {Columns.OBS: obs})
+            out = self.module.forward_inference({Columns.OBS: obs})
             c, trust = out[Columns.ACTIONS]["cand"], out[Columns.ACTIONS]["trust"]
+            lp = out[Columns.ACTION_LOGP]
+            if explore:  # a share of the pairs act by a sample of the policy (they are what the update learns
+                #          from); the rest act greedily, so an unsure policy does not hand the student random labels
+                with self._own_rng():
+                    smp = self.module.forward_exploration({Columns.OBS: obs})
+                    rows = torch.rand(len(c)) < self.semi.explore_share
+                c = torch.where(rows, smp[Columns.ACTIONS]["cand"], c)
+                trust = torch.where(rows[:, None, None], smp[Columns.ACTIONS]["trust"], trust)
+                lp = torch.where(rows, smp[Columns.ACTION_LOGP], lp)
+                sampled.append(rows.numpy())
             trust &= (c != REJECT)[:, None, None]
             choice.append(c.numpy())
-            logp.append(out[Columns.ACTION_LOGP].numpy())
+            logp.append(lp.numpy())
             labels.append(pack_bits(obs["masks"][torch.arange(len(c)), c].numpy() > 0.5))
             trusts.append(pack_bits(trust.numpy()))
         nbits = (self.size * self.size + 7) // 8
         self.n_select += 1
         return ActionRecord(self.n_select, cand.sent_ids.copy(), _cat(choice, np.int64), _cat(labels, np.uint8, nbits),
-                            _cat(trusts, np.uint8, nbits), _cat(logp, np.float32), explore, self.size)
+                            _cat(trusts, np.uint8, nbits), _cat(logp, np.float32), explore, self.size,
+                            _cat(sampled, bool) if explore else None)
 
     def select(self, cand: CandidateBatch, explore: bool) -> tuple[PseudoLabelBatch, ActionRecord]:
         """Pseudo-labels of the kept pairs (chosen label, weight 1 on trusted pixels) and the action record."""
@@ -165,8 +175,10 @@ class Selector:
             return {"selector/update_skipped_greedy": 1.0, **rewards.stats}
         if len(record) == 0:
             return {"selector/update_pairs": 0.0, **rewards.stats}
-        n = len(record)
-        idx = np.sort(self.rng.permutation(n)[: self.semi.selector_max_update_pairs])
+        rows = np.flatnonzero(record.sampled) if record.sampled is not None else np.arange(len(record))
+        if len(rows) == 0:
+            return {"selector/update_pairs": 0.0, **rewards.stats}
+        idx = np.sort(self.rng.permutation(rows)[: self.semi.selector_max_update_pairs])
         logs = []
         for _ in range(self.semi.selector_update_epochs):
             order = self.rng.permutation(idx)
@@ -189,21 +201,23 @@ class Selector:
         return stats
 
     def practice(self, cand: CandidateBatch, truth: HeldOutTruth, steps: int | None = None) -> dict:
-        """On-policy REINFORCE on held-out LABELED pairs processed like unlabeled ones; reward uses their truth."""
+        """Held-out LABELED pairs processed like unlabeled ones; the reward is their truth (the prior term, a proxy
+        for the truth where there is none, is left out here), every candidate's reward known (exact gradient)."""
         steps = self.semi.selector_practice_steps if steps is None else steps
         if len(cand) == 0 or steps <= 0:
             return {"practice/steps": 0.0}
         # before practice = out of sample for this slice: the honest overrule diagnostic
         before = {f"{k}_before": v for k, v in self.evaluate(cand, truth).items() if "greedy" in k or "overrule" in k}
         fb = Feedback(cand.sent_ids, truth=truth)
-        table = candidate_reward_table(cand, fb, self.weights)  # (n, K)
+        w = dataclasses.replace(self.weights, prior=0.0)  # the truth is known here: no proxy for it
+        table = candidate_reward_table(cand, fb, w)  # (n, K)
         q, t = dequantize(cand.proposal), truth.masks()
         rets = []
         for _ in range(steps):
             mb = np.sort(self.rng.permutation(len(cand))[: self.semi.selector_minibatch])
 
             def pix(choice, mb=mb):
-                r = pixel_trust_reward(chosen_labels(cand, choice, mb), q[mb], cand.prior_score[mb], self.weights,
+                r = pixel_trust_reward(chosen_labels(cand, choice, mb), q[mb], cand.prior_score[mb], w,
                                        truth=t[mb])
                 return np.where((choice != REJECT)[:, None, None], r, 0.0).astype(np.float32)
 

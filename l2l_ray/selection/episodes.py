@@ -37,6 +37,7 @@ class ActionRecord:
     cand_logp: np.ndarray  # float32 (N,) log-prob of the chosen candidate when it was chosen
     explore: bool
     size: int
+    sampled: np.ndarray | None = None  # bool (N,): rows that acted by a sample of the policy (None: all if explore)
 
     def __len__(self) -> int:
         return len(self.sent_ids)
@@ -47,7 +48,8 @@ class ActionRecord:
 
     def slice(self, idx) -> ActionRecord:
         return ActionRecord(self.key, self.sent_ids[idx], self.cand[idx], self.label_bits[idx], self.trust_bits[idx],
-                            self.cand_logp[idx], self.explore, self.size)
+                            self.cand_logp[idx], self.explore, self.size,
+                            None if self.sampled is None else self.sampled[idx])
 
     def labels(self, idx=None) -> np.ndarray:
         """bool (n, S, S) chosen labels."""
