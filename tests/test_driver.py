@@ -130,6 +130,10 @@ def test_baselines_run_in_the_same_loop(tiny_root, tmp_path, method):
     assert not (tmp_path / "selector.pt").exists()
     assert m["practice_folds"] == []  # only L2L (with RL) practises a selector on labeled folds
     assert m["guidance"] is True
+    stage = "supervised" if method == "supervised" else "round_1"  # the segmenter trained with its prompt encoder
+    done = json.loads((tmp_path / "checkpoints" / stage / "done.json").read_text())
+    student = torch.load(tmp_path / done["checkpoint"] / "state.pt", weights_only=False)["student"]
+    assert any(k.startswith("prompt.") for k in student)
     assert m["priors"] is not None  # model.guidance (on by default): every method's segmenter sees the prior
     gallery = np.load(tmp_path / "gallery.npz")
     assert gallery["pseudo"].shape == (2, 64, 64)
@@ -138,8 +142,10 @@ def test_baselines_run_in_the_same_loop(tiny_root, tmp_path, method):
         assert (gallery["pseudo"] == 128).all()  # no pseudo-labels at all: every pixel "ignored"
         with pytest.raises(UserError, match="data.label_ratio"):  # same run folder, another label split
             driver.run(_cfg(tiny_root, tmp_path, f"method={method}", "train.num_workers=0", "data.label_ratio=0.5"))
+        kept = (tmp_path / "metrics.json").read_bytes()
         with pytest.raises(UserError, match='method: "supervised" -> "semires"'):  # or another method
             driver.run(_cfg(tiny_root, tmp_path, "method=semires", "train.num_workers=0"))
+        assert (tmp_path / "metrics.json").read_bytes() == kept  # nothing written over the finished run
         assert load_config(tmp_path / "config.yaml").data.label_ratio == 0.25  # the checkpoints' config is kept
         return
     (r1,) = m["rounds"]
