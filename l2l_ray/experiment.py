@@ -195,7 +195,8 @@ def round_log(groups: dict[tuple[str, float], list[dict]]) -> list[str]:
                 f"{_cell(_mean([x.get('rejected_share') for x in rs]))} | "
                 f"{_cell(_mean([x.get('pseudo_iou_diag') for x in rs]))} | {rw('total')} | {rw('prior')} | "
                 f"{rw('consistency')} | {rw('credit')} | {rw('credit_std')} | {rw('labeled_iou')} | "
-                f"{px('overrule_share')} | {px('overrule_right')} | {px('prior_wrong_share')} | "
+                f"{px('overrule_share')} | {px('overrule_right')} | "
+                f"{_cell(_mean([x.get('practice/prior_wrong_share') for x in rs]))} | "
                 f"{_cell(_mean([x.get('heldout_teacher_iou') for x in rs]))} | {_top_candidate(rs)} |")
     return lines
 
@@ -268,6 +269,7 @@ def write_plots(cfg: Config, groups: dict, out: Path) -> list[str]:
                 ys += [_mean([m["rounds"][k]["val"]["mIoU"] for m in ms if len(m["rounds"]) > k]) for k in range(n)]
                 ax.plot(range(n + 1), [100 * y if y is not None else np.nan for y in ys], marker="o", label=row)
             ax.set(title=f"labels {ratio:g}", xlabel="round (0 = warm-up)", ylabel="val mIoU (%)")
+            ax.xaxis.get_major_locator().set_params(integer=True)
             ax.legend(fontsize=7)
         names.append(_save_fig(fig, out.with_name(out.stem + "_rounds.png")))
     rows = _corruption_rows(cfg, groups)

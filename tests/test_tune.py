@@ -189,6 +189,10 @@ def test_tune_stops_early_resumes_after_a_kill_and_writes_a_trainable_best_yaml(
     trial_cfg = yaml.safe_load((trial_dir / "config.yaml").read_text())
     got = cfg.to_dict()
     assert got["run"].pop("dir") == str(run / "best") and trial_cfg["run"].pop("dir") == str(trial_dir)
+    # trials get the priors cache pinned to the folder the driver filled; best.yaml keeps the user's "" (default),
+    # which resolves to that same folder
+    assert Path(cfg.priors_cache_dir).resolve() == Path(trial_cfg["priors"].pop("cache_dir")).resolve()
+    got["priors"].pop("cache_dir")
     assert got == trial_cfg and cfg.train.lr == best["params"]["train.lr"]
     # `l2l train --config best.yaml`, as it is (in this process: the session's cluster), reproduces the trial. The
     # trial's tokenizer is reused: the WordPiece trainer's vocabulary is not deterministic (see docs/tune.md).
