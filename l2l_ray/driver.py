@@ -121,10 +121,11 @@ def _selector_learns(ctx: RoundContext, r: int, state, pairs: list, cand) -> dic
     held = _practice_pairs(ctx, r)
     cand_h = _candidates(ctx, state, held)
     truth = HeldOutTruth.from_labeled([s for s, _ in held], cand_h.sent_ids, cfg.data.image_size)
-    out["heldout_teacher_iou"] = float(iou(cand_h.teacher >= 128, truth.masks()).mean())
+    masks = truth.masks()  # bool (M, S, S)
+    out["heldout_teacher_iou"] = float(iou(cand_h.teacher >= 128, masks).mean())
     pending = ctx.carry.pending_ids
     if pending is not None and np.array_equal(cand.sent_ids, pending):
-        align = alignment_maps(cfg, state.state_ref, pairs, ctx.inputs.guide, held, truth.masks())
+        align = alignment_maps(cfg, state.state_ref, pairs, ctx.inputs.guide, held, masks)
         out.update(ctx.selector.feedback(Feedback(cand.sent_ids, cand.teacher, align)))
     out.update(ctx.selector.practice(cand_h, truth))
     return out
@@ -193,11 +194,9 @@ def _stage_data(ctx: RoundContext, next_round: int):
     """The stage before round ``next_round`` trains on every labeled image but that round's practice fold (the
     last round's update, with no practice after it, on all of them; without rotation the fixed fold is kept out)."""
     last = next_round > ctx.cfg.semi.rounds
-    if not ctx.folds or (last and ctx.cfg.semi.practice_rotation and len(ctx.folds) > 1):
+    if len(ctx.folds) < 2 or (last and ctx.cfg.semi.practice_rotation):  # < 2 folds: too few labeled images
         return ctx.inputs.full
     held = _fold(ctx, next_round)
-    if len(ctx.folds) == 1:  # too few labeled images: the student keeps them all
-        return ctx.inputs.full
     return dataclasses.replace(ctx.inputs.full, labeled=[s for s in ctx.inputs.full.labeled
                                                          if s.image_id not in held])
 

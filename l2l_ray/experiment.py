@@ -10,6 +10,7 @@ those ``metrics.json`` files; the command that produced them is written above th
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 import time
@@ -262,7 +263,7 @@ def write_plots(cfg: Config, groups: dict, out: Path) -> list[str]:
         fig, axes = plt.subplots(1, len(ratios), figsize=(5.5 * len(ratios), 4), squeeze=False)
         for ax, ratio in zip(axes[0], ratios, strict=True):
             for (row, p), ms in groups.items():
-                if p != ratio or not any(m.get("rounds") for m in ms) or "_c" in row:
+                if p != ratio or not any(m.get("rounds") for m in ms) or _is_corruption_row(row):
                     continue
                 n = max(len(m["rounds"]) for m in ms)
                 ys = [_mean([(m.get("warmup_val") or {}).get("mIoU") for m in ms])]
@@ -373,6 +374,4 @@ def results_table(cfg: Config, command: str, plots: list[str] | None = None) -> 
 
 
 def _is_corruption_row(row: str) -> bool:
-    import re
-
     return re.search(r"_c[0-9.]+$", row) is not None

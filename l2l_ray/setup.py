@@ -72,9 +72,9 @@ def setup_run(cfg: Config, run_dir: str | Path | None = None, priors: bool | Non
     loaded, stats = None, {}
     if want:
         from l2l_ray.priors.corrupt import corrupt_priors, sentence_refs
-        from l2l_ray.priors.pipeline import load_priors, run_priors
+        from l2l_ray.priors.pipeline import load_priors
 
-        run_priors(cfg)  # computes only what the cache lacks
+        prepare_inputs(cfg, priors=True)  # fills what the priors cache lacks (the data check is a no-op by now)
         loaded = load_priors(cfg, allow_missing=True)
         if cfg.priors.corruption > 0:
             loaded, stats = corrupt_priors(loaded, sentence_refs(full), cfg.priors.corruption,

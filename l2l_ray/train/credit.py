@@ -20,25 +20,21 @@ import torch
 import torch.nn.functional as F
 
 from l2l_ray.train.batches import rows_batch
-from l2l_ray.train.fit import resolve
-from l2l_ray.train.infer import _tokenizer, cached_model
-from l2l_ray.train.tables import ImageIndex, make_rows
+from l2l_ray.train.infer import _tokenizer, cached_model, inference_threads, pair_rows
+from l2l_ray.train.tables import ImageIndex
 
 
 def head_features(cfg, state_ref, which: str, samples: Sequence[tuple], priors: dict | None
                   ) -> tuple[np.ndarray, np.ndarray]:
     """(features float32 (N, C+1, h, w) at the logit head's input, a constant-1 channel last for its bias;
     probabilities float32 (N, h, w) of the head's own logits) for (sample, Sentence) pairs (plain view)."""
-    state = resolve(state_ref)
-    s = cfg.data.image_size
     index = ImageIndex()
-    rows = make_rows([(smp, sent.sent_id, sent.text) for smp, sent in samples], _tokenizer(state), priors, s,
-                     min(cfg.priors.proposal_size, s), index)
+    rows = pair_rows(cfg, _tokenizer(state_ref), samples, priors, index)
     model = cached_model(cfg, state_ref, which, torch.device("cpu"))
     head = model.decoder.head[-1]  # the final 1x1 conv: (B, C, h, w) -> (B, 1, h, w)
     got: dict = {}
     hook = head.register_forward_hook(lambda m, inp, out: got.update(f=inp[0], z=out))
-    images, feats, probs = index.load(s), [], []
+    images, feats, probs = index.load(cfg.data.image_size), [], []
     try:
         for a in range(0, len(rows), max(1, cfg.train.eval_batch_size)):
             idx = np.arange(a, min(len(rows), a + cfg.train.eval_batch_size))
@@ -75,13 +71,8 @@ def alignment_maps(cfg, state_ref, pairs: Sequence[tuple], priors: dict | None, 
 
     heldout_masks: bool (M, S, S), the TRUE masks of ``heldout_pairs`` (LABELED pairs, e.g. ``HeldOutTruth.masks()``).
     """
-    threads = torch.get_num_threads()
-    if cfg.train.num_threads:  # the training workers' threads idle while the driver infers
-        torch.set_num_threads(cfg.train.num_threads * max(1, cfg.train.num_workers))
-    try:
+    with inference_threads(cfg):
         fh, ph = head_features(cfg, state_ref, which, heldout_pairs, priors)
         grad = heldout_gradient(fh, ph, heldout_masks)
         f, _ = head_features(cfg, state_ref, which, pairs, priors)
-    finally:
-        torch.set_num_threads(threads)
     return alignment_from_features(f, grad, cfg.data.image_size)

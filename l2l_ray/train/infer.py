@@ -10,7 +10,8 @@ running it runs as one Ray task holding a GPU (bf16 autocast with ``train.amp``)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -117,17 +118,33 @@ def _run(cfg, state_ref, which: str, images: np.ndarray, rows: RowTable, truth=N
     if cfg.train.use_gpu and ray.is_initialized():
         task = ray.remote(num_gpus=1, num_cpus=1)(infer_rows)
         return ray.get(task.remote(cfg.to_dict(), state_ref, which, ray.put(images), rows, truth, flip, mirrored))
+    with inference_threads(cfg):
+        return infer_rows(cfg, state_ref, which, images, rows, truth, flip, mirrored)
+
+
+@contextlib.contextmanager
+def inference_threads(cfg) -> Iterator[None]:
+    """Torch threads for inference in the driver: the training workers' threads, which idle meanwhile (more would
+    spin); the caller's count is restored after."""
     threads = torch.get_num_threads()
-    if cfg.train.num_threads:  # the training workers' threads, which idle while the driver infers (more would spin)
+    if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads * max(1, cfg.train.num_workers))
     try:
-        return infer_rows(cfg, state_ref, which, images, rows, truth, flip, mirrored)
+        yield
     finally:
         torch.set_num_threads(threads)
 
 
 def _tokenizer(state_ref) -> TextTokenizer:
     return TextTokenizer.from_json(resolve(state_ref)["tokenizer"])
+
+
+def pair_rows(cfg, tok: TextTokenizer, samples: Sequence[tuple], priors: dict | None, index: ImageIndex,
+              flip: bool = False) -> RowTable:
+    """RowTable of (sample, Sentence) pairs with the run's tokenizer; images registered in ``index``."""
+    triples = [(smp, sent.sent_id, sent.text) for smp, sent in samples]
+    s = cfg.data.image_size
+    return make_rows(triples, tok, priors, s, min(cfg.priors.proposal_size, s), index, flip=flip)
 
 
 def predict_samples(cfg, state_ref, which: str, samples: Sequence[tuple], priors: dict | None,
@@ -141,13 +158,10 @@ def predict_samples(cfg, state_ref, which: str, samples: Sequence[tuple], priors
     actors to spread the rows over (``semi.teacher_actors``); None runs as ``_run`` does. ``two_views=True``:
     the plain and the mirrored view in one batched pass, uint8 (2, N, S, S) = [plain, mirrored back].
     """
-    state = resolve(state_ref)
-    s = cfg.data.image_size
+    s, tok = cfg.data.image_size, _tokenizer(state_ref)
     index = ImageIndex()
-    triples = [(smp, sent.sent_id, sent.text) for smp, sent in samples]
-    tok, psize = _tokenizer(state), min(cfg.priors.proposal_size, s)
-    rows = make_rows(triples, tok, priors, s, psize, index, flip=flip)
-    mirrored = make_rows(triples, tok, priors, s, psize, index, flip=True) if two_views else None
+    rows = pair_rows(cfg, tok, samples, priors, index, flip=flip)
+    mirrored = pair_rows(cfg, tok, samples, priors, index, flip=True) if two_views else None
     if not len(rows):
         return np.zeros((2, 0, s, s) if two_views else (0, s, s), np.uint8)
     if pool is not None:
